@@ -1,0 +1,1 @@
+"""Finding, reading and assembling checkpoints (local folders or the Hugging Face Hub)."""

@@ -1,0 +1,1 @@
+"""Media decoding and the typed inputs that processors hand to vision towers."""

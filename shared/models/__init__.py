@@ -1,0 +1,1 @@
+"""Model families, one module or folder each; `registry` maps config.json to them."""

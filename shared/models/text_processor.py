@@ -1,0 +1,62 @@
+"""Chat messages -> token ids for text-only models, through the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shared.media.types import ProcessedPrompt
+
+
+class MediaNotSupportedError(ValueError):
+    """A request carried a modality this model does not accept."""
+
+
+def message_text(content: str | list[dict[str, Any]] | None, allowed: tuple[str, ...]) -> str:
+    """Flatten OpenAI-style content parts to text, refusing modalities the model lacks."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        kind = part.get("type", "text")
+        if kind == "text":
+            texts.append(part.get("text", ""))
+        else:
+            modality = kind.removesuffix("_url")
+            raise MediaNotSupportedError(
+                f"this model does not accept {modality} input; it accepts: {', '.join(allowed)}"
+            )
+    return "".join(texts)
+
+
+class TextProcessor:
+    modalities = ("text",)
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: Path, config: dict[str, Any] | None = None) -> TextProcessor:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path)))
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        flat = [{**m, "content": message_text(m.get("content"), self.modalities)} for m in messages]
+        if self.tokenizer.chat_template is None:
+            # Base models without a template: the conversation is the plain concatenation.
+            return "".join(m["content"] for m in flat)
+        return self.tokenizer.apply_chat_template(
+            flat, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
+        )
+
+    def __call__(self, messages: list[dict[str, Any]], **kwargs: Any) -> ProcessedPrompt:
+        text = self.render(messages, **kwargs)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ProcessedPrompt(input_ids=list(ids))

@@ -1,0 +1,224 @@
+"""Decoder-only transformer layers shared by Llama, Qwen2, Qwen3 and the Qwen2-VL language model.
+
+The module tree mirrors transformers / mlx-lm (`model.embed_tokens`, `model.layers.{i}.self_attn.
+{q,k,v,o}_proj`, `.self_attn.q_norm|k_norm`, `.mlp.{gate,up,down}_proj`, `.input_layernorm`,
+`.post_attention_layernorm`, `model.norm`, `lm_head`) so checkpoints load with `load_weights`.
+Family differences are flags on `TransformerArgs`: q/k/v bias, o bias, per-head q/k RMSNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import BaseModelArgs, Cache
+from .cache import KVCache
+from .rope import RoPE, RotaryPositions, initialize_rope
+
+
+@dataclass
+class TransformerArgs(BaseModelArgs):
+    """Text config fields (a flat dict; VLM callers flatten `text_config` first)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    model_type: str = ""
+    rms_norm_eps: float = 1e-6
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int | None = None
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    rope_parameters: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool | None = None  # config key: bias on q, k, v and o (Llama, Qwen3)
+    mlp_bias: bool = False
+    # Family switches; subclasses set their defaults in __post_init__.
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    qk_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = bool(self.attention_bias)
+        if self.o_bias is None:
+            self.o_bias = bool(self.attention_bias)
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = False
+        if self.hidden_act != "silu":
+            raise NotImplementedError(f"hidden_act {self.hidden_act!r} (only silu/SwiGLU)")
+
+    def make_rope(self) -> RoPE:
+        return initialize_rope(
+            self.head_dim, self.rope_theta, self.rope_scaling, self.rope_parameters
+        )
+
+
+def attention_mask(length: int) -> str | None:
+    """Causal mask for L > 1. MLX's "causal" is lower-right aligned (the last query sees every
+    key), which is what a chunk appended after `offset` cached tokens needs; one token needs
+    none."""
+    return "causal" if length > 1 else None
+
+
+class Attention(nn.Module):
+    def __init__(self, args: TransformerArgs) -> None:
+        super().__init__()
+        dim, head_dim = args.hidden_size, args.head_dim
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=args.o_bias)
+        if args.qk_norm:  # Qwen3: RMSNorm over each head's features, before rope
+            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+
+    def __call__(
+        self,
+        x: mx.array,
+        rope: RoPE,
+        positions: RotaryPositions,
+        mask: str | mx.array | None = None,
+        cache: Cache | None = None,
+    ) -> mx.array:
+        b, length, _ = x.shape
+        q = self.q_proj(x).reshape(b, length, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k = rope.apply(q, positions), rope.apply(k, positions)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: TransformerArgs) -> None:
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: TransformerArgs) -> None:
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(
+        self,
+        x: mx.array,
+        rope: RoPE,
+        positions: RotaryPositions,
+        mask: str | mx.array | None = None,
+        cache: Cache | None = None,
+    ) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), rope, positions, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TransformerModel(nn.Module):
+    """The decoder stack: embeddings, layers, final norm. Returns normalised hidden states."""
+
+    def __init__(self, args: TransformerArgs, rope: RoPE | None = None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        # One rope for all layers (it has no parameters): positions are computed once per call.
+        self.rope = rope if rope is not None else args.make_rope()
+
+    def __call__(
+        self,
+        inputs: mx.array | None,
+        cache: list[Cache] | None = None,
+        input_embeddings: mx.array | None = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        offset = cache[0].offset if cache[0] is not None else 0
+        length = h.shape[1]
+        positions = self.rope.positions(length, offset, position_ids)
+        mask = attention_mask(length)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            h = layer(h, self.rope, positions, mask, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Decoder + LM head; implements the `LanguageModel` protocol."""
+
+    def __init__(self, args: TransformerArgs, rope: RoPE | None = None) -> None:
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = TransformerModel(args, rope)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        inputs: mx.array | None,
+        cache: list[Cache] | None = None,
+        *,
+        input_embeddings: mx.array | None = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        h = self.model(inputs, cache, input_embeddings, position_ids)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        return self.model.embed_tokens(input_ids)
+
+    def make_cache(self) -> list[Cache]:
+        return [KVCache() for _ in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop rope buffers some checkpoints carry, and the duplicate head of tied models."""
+        out = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
+        return out
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.args.head_dim
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.args.num_key_value_heads

@@ -1,0 +1,1 @@
+"""The in-process runtime: loaded models, sampling, and the generation loop."""
