@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 
-.PHONY: install test lint run-local clean
+.PHONY: install test lint run-local clean proto
 
 # Each stamp is rebuilt only when the dependency list changes (idempotent, fast otherwise).
 $(RUNTIME): pyproject.toml
@@ -34,3 +34,8 @@ run-local: $(RUNTIME)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Regenerate the gRPC stubs from protos/ (committed; a test fails when they drift).
+proto: $(TESTDEPS)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos protos/prism/v1/*.proto

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,13 @@ from shared.api import generate, load
 from tests.media_samples import sample_image
 
 
+# The console script installed next to this interpreter (pyproject's [project.scripts]).
+PRISM = str(Path(sys.executable).with_name("prism"))
+
+
 def run_prism(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [PRISM, *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,0 +1,1 @@
+"""Prism gRPC contract: generated stubs for the `prism.v1` protos."""

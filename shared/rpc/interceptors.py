@@ -1,0 +1,87 @@
+"""One server interceptor: binds the request id for logging, times each call, and maps
+exceptions to gRPC status codes (TGI's pattern), so servicers stay thin.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from shared.errors import MissingFeaturesError, PrismError
+from shared.rpc.logging import REQUEST_ID_KEY
+
+log = structlog.get_logger("rpc")
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            return value
+    return uuid.uuid4().hex
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, MissingFeaturesError):
+        context.set_trailing_metadata(((exc.metadata_key, ",".join(exc.keys)),))
+    if isinstance(exc, PrismError):
+        log.info("rpc_refused", method=method, code=exc.grpc_code, error=exc.message)
+        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+    log.exception("rpc_failed", method=method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+def _wrap_unary(fn: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        structlog.contextvars.bind_contextvars(request_id=_request_id(context))
+        start = time.perf_counter()
+        try:
+            return await fn(request, context)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, never leaked
+            await _abort(context, exc, method)
+        finally:
+            log.debug("rpc_done", method=method, ms=round((time.perf_counter() - start) * 1e3, 2))
+
+    return wrapper
+
+
+def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        structlog.contextvars.bind_contextvars(request_id=_request_id(context))
+        start = time.perf_counter()
+        try:
+            async for item in fn(request, context):
+                yield item
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc, method)
+        finally:
+            log.debug("rpc_done", method=method, ms=round((time.perf_counter() - start) * 1e3, 2))
+
+    return wrapper
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        method = details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
+        return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))

@@ -1,0 +1,70 @@
+"""Serve a gRPC service the Prism way: health, reflection, the interceptor, graceful SIGTERM.
+
+On SIGTERM/SIGINT every health status turns NOT_SERVING (load balancers and the gateway stop
+sending work), in-flight calls get `grace` seconds to finish, then the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.rpc.channels import SERVER_OPTIONS
+from shared.rpc.interceptors import ServiceInterceptor
+
+log = structlog.get_logger("server")
+
+AddServicers = Callable[[grpc.aio.Server], Sequence[str]]
+
+
+class PrismServer:
+    """Owns one grpc.aio server and its health servicer."""
+
+    def __init__(self, add_servicers: AddServicers, *, grace: float = 30.0) -> None:
+        self.grace = grace
+        self.server = grpc.aio.server(interceptors=[ServiceInterceptor()], options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = list(add_servicers(self.server))
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self._stopping = asyncio.Event()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def start(self, address: str) -> int:
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        await self.server.start()
+        await self.set_serving(True)
+        log.info("serving", address=address, port=port, services=self.service_names)
+        return port
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        """Run until SIGTERM/SIGINT, then drain gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stopping.wait()
+        log.info("draining", grace_s=self.grace)
+        await self.set_serving(False)
+        await self.server.stop(self.grace)
+        log.info("stopped")
