@@ -33,7 +33,7 @@ def our_logits(model, prompt) -> np.ndarray:
         input_embeddings=inputs.input_embeddings,
         position_ids=inputs.position_ids,
     )
-    return np.array(logits[0])
+    return np.array(logits[0].astype(mx.float32))
 
 
 def our_greedy(model, prompt, n: int = N_TOKENS) -> list[int]:
@@ -160,3 +160,18 @@ def test_prefill_in_chunks_equals_one_pass(checkpoint_factory, prompts, monkeypa
     monkeypatch.setattr(gen, "PREFILL_STEP", 7)
     chunked = prefill(model.language, inputs, model.language.make_cache())
     np.testing.assert_allclose(np.array(chunked), np.array(whole), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_keep_their_dtype(checkpoint_factory, prompts, dtype):
+    from mlx.utils import tree_flatten
+
+    half = load(checkpoint_factory("qwen2_5_vl", "hf", dtype=dtype))
+    full = load(checkpoint_factory("qwen2_5_vl", "hf"))
+    for module in (half.vision, half.language):
+        dtypes = {str(v.dtype) for _, v in tree_flatten(module.parameters())}
+        assert dtypes == {f"mlx.core.{dtype}"}, dtypes
+    prompt = full.processor(prompts["one_image"])
+    err = rel_err(our_logits(half, prompt), our_logits(full, prompt))
+    assert err < 5e-2, f"{dtype} logits drift {err:.2e} from fp32"
+    assert len(our_greedy(half, prompt, 8)) == 8
