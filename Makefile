@@ -28,9 +28,27 @@ lint: $(TESTDEPS)
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# `make run-local [MODEL=hub-id-or-folder]`: cache, encoder (vision models), decoder and the
+# OpenAI gateway on HOST:GATEWAY_PORT; Ctrl-C stops them all. Without MODEL: a tiny demo
+# checkpoint with random weights, generated locally (no download). Port 0 = any free port;
+# with ENCODERS/DECODERS > 1, replica i listens on its base port + i.
+MODEL ?=
+HOST ?= 127.0.0.1
+GATEWAY_PORT ?= 8080
+ENCODER_PORT ?= 50051
+DECODER_PORT ?= 50052
+CACHE_PORT ?= 50053
+ENCODERS ?= 1
+DECODERS ?= 1
+CACHE_DISK_PATH ?=
+RUN_LOCAL_ARGS ?=
+
 run-local: $(RUNTIME)
-	@echo "The gRPC services (encoder, decoder, cache, gateway) arrive with issue #3."
-	@echo "Until then use the in-process path: $(BIN)/prism generate --model <folder or hub id> --prompt '...'"
+	$(BIN)/python -m services.launcher $(if $(MODEL),--model '$(MODEL)') --host $(HOST) \
+		--gateway-port $(GATEWAY_PORT) --encoder-port $(ENCODER_PORT) \
+		--decoder-port $(DECODER_PORT) --cache-port $(CACHE_PORT) \
+		--encoders $(ENCODERS) --decoders $(DECODERS) \
+		$(if $(CACHE_DISK_PATH),--cache-disk-path '$(CACHE_DISK_PATH)') $(RUN_LOCAL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

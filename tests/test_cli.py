@@ -14,7 +14,6 @@ import pytest
 from shared.api import generate, load
 from tests.media_samples import sample_image
 
-
 # The console script installed next to this interpreter (pyproject's [project.scripts]).
 PRISM = str(Path(sys.executable).with_name("prism"))
 

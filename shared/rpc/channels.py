@@ -16,9 +16,17 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC's default reconnect backoff grows to 120 s: a restarted backend would stay "down"
+    # for minutes. Cap it so recovery is noticed within seconds.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 SERVER_OPTIONS = [
+    # gRPC binds with SO_REUSEPORT by default: a second server on a busy port would "start" and
+    # silently share traffic with the first. Fail to bind instead.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),

@@ -65,6 +65,7 @@ class PrismServer:
             loop.add_signal_handler(sig, self.request_stop)
         await self._stopping.wait()
         log.info("draining", grace_s=self.grace)
-        await self.set_serving(False)
+        # NOT_SERVING everywhere, and open health Watch streams end now instead of at the grace.
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(self.grace)
         log.info("stopped")

@@ -20,10 +20,9 @@ def dtype_name(array: mx.array) -> str:
 
 
 def to_bytes(array: mx.array) -> bytes:
-    view = _WIRE_VIEW.get(dtype_name(array))
-    if view is not None:
-        array = array.view(getattr(mx, view))
-    return np.asarray(array).tobytes()
+    """C-order bytes through the buffer protocol: no MLX op, so safe off the MLX thread
+    (the array must already be evaluated)."""
+    return bytes(memoryview(array))
 
 
 def from_bytes(data: bytes | memoryview, dtype: str, shape: Iterable[int]) -> mx.array:

@@ -1,0 +1,1 @@
+"""Small pieces the encoder and decoder services share (never engines, never the gateway)."""

@@ -1,0 +1,82 @@
+"""python -m services.decoder --model M [--served-model-name NAME] --port 50052 --cache ADDR"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import structlog
+
+from services.cache.client import CacheClient
+from services.common.flags import add_server_flags, env
+from services.common.models import served_ids
+from services.decoder.engine import DecoderEngine
+from services.decoder.servicer import add_to_server
+from shared.rpc.logging import configure_logging
+from shared.rpc.server import PrismServer
+from shared.runtime import mlx_thread
+from shared.runtime.loaded import load_model
+
+log = structlog.get_logger("decoder")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.decoder", description=__doc__)
+    p.add_argument("--model", default=env("PRISM_MODEL"), help="folder or Hub id [PRISM_MODEL]")
+    p.add_argument(
+        "--served-model-name",
+        default=env("PRISM_SERVED_MODEL_NAME"),
+        help="the id clients use (default: --model as given) [PRISM_SERVED_MODEL_NAME]",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=int(env("PRISM_MAX_MODEL_LEN", "0") or 0),
+        help="prompt + completion limit (0: the model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=int(env("PRISM_MAX_WAITING", "64") or 64),
+        help="requests queued beyond this are refused with RESOURCE_EXHAUSTED",
+    )
+    add_server_flags(p, default_port=50052)
+    args = p.parse_args(argv)
+    if not args.model:
+        p.error("--model (or PRISM_MODEL) is required")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    [(model_id, path)] = served_ids([args.model], [args.served_model_name or ""])
+    # Loaded on the MLX thread, which the engine then keeps (thread-local MLX streams).
+    model = await mlx_thread.run(load_model, path, components=["language"], dtype=args.dtype)
+    engine = DecoderEngine(
+        model, model_id, max_model_len=args.max_model_len or None, max_waiting=args.max_waiting
+    )
+    engine.start()
+    cache = CacheClient(args.cache)
+    server = PrismServer(add_to_server(engine, cache), grace=args.grace)
+    try:
+        await server.start(f"{args.host}:{args.port}")
+        log.info("decoder_ready", model=model_id, max_model_len=engine.max_model_len)
+        await server.wait()
+    finally:
+        await asyncio.to_thread(engine.shutdown)
+        await cache.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging("decoder", args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""GenerateRequest prompt + fetched features -> ProcessedPrompt and the feature list.
+
+Media parts are rendered as the template's own image/video parts (the template only needs the
+type), then each placeholder is expanded to the item's token count. The MediaInputs carry no
+pixels: only the grid and seconds_per_grid that M-RoPE positions need; the features come from
+the cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from prism.v1 import common_pb2, decoder_pb2
+
+from services.common.models import modality_name
+from shared.errors import InvalidRequestError
+from shared.media.types import MediaInput, ProcessedPrompt
+from shared.models.text_processor import message_text
+from shared.runtime.loaded import LoadedModel
+
+_NO_PIXELS = np.zeros((0, 0), dtype=np.float32)
+
+
+def media_refs(request: decoder_pb2.GenerateRequest) -> list[common_pb2.MediaFeatureRef]:
+    """The request's media in prompt order."""
+    if request.HasField("tokens"):
+        return list(request.tokens.media)
+    return [p.media for m in request.messages.messages for p in m.content if p.HasField("media")]
+
+
+def check_modalities(
+    model: LoadedModel, model_id: str, refs: list[common_pb2.MediaFeatureRef]
+) -> None:
+    accepted = model.family.modalities
+    for ref in refs:
+        name = modality_name(ref.modality)
+        if name == "text" or name not in accepted:
+            raise InvalidRequestError(
+                f"model {model_id!r} does not accept {name} input; it accepts: "
+                + ", ".join(accepted)
+            )
+
+
+def build_prompt(
+    model: LoadedModel, request: decoder_pb2.GenerateRequest, features: dict[str, mx.array]
+) -> tuple[ProcessedPrompt, list[mx.array]]:
+    refs = media_refs(request)
+    media = [_media_input(ref, features, getattr(model.processor, "merge_size", 2)) for ref in refs]
+    feats = [features[ref.content_key] for ref in refs]
+    if request.HasField("tokens"):
+        ids = list(request.tokens.token_ids)
+        _check_placeholders(model, ids, refs)
+        return ProcessedPrompt(input_ids=ids, media=media), feats
+    if not request.HasField("messages"):
+        raise InvalidRequestError("the request has no prompt (messages or tokens)")
+    text = render(model, request.messages)
+    build = getattr(model.processor, "build_prompt", None)
+    try:
+        if build is not None:
+            return build(text, media), feats
+        if media:
+            raise InvalidRequestError("this model takes no media")
+        return ProcessedPrompt(model.tokenizer.encode(text, add_special_tokens=False)), feats
+    except ValueError as exc:  # e.g. placeholder count != media count
+        raise InvalidRequestError(str(exc)) from exc
+
+
+def render(model: LoadedModel, messages: decoder_pb2.Messages) -> str:
+    if not messages.messages:
+        raise InvalidRequestError("messages must not be empty", param="messages")
+    chat = [_message_dict(m) for m in messages.messages]
+    tools = _json(messages.tools_json, "tools", list) if messages.tools_json else None
+    extra = _json(messages.chat_template_kwargs_json, "chat_template_kwargs", dict)
+    processor, add = model.processor, messages.add_generation_prompt
+    try:
+        if extra and not _takes_kwargs(processor.render) and model.tokenizer.chat_template:
+            # TextProcessor.render takes no template variables: render the flattened messages
+            # with the tokenizer directly (what it does internally).
+            flat = [{**m, "content": message_text(m["content"], ("text",))} for m in chat]
+            return model.tokenizer.apply_chat_template(
+                flat, tokenize=False, add_generation_prompt=add, tools=tools, **extra
+            )
+        return processor.render(chat, add_generation_prompt=add, tools=tools, **extra)
+    except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
+        raise InvalidRequestError(f"could not apply the chat template: {exc}") from exc
+
+
+def _message_dict(message: decoder_pb2.ChatMessage) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = []
+    for part in message.content:
+        if part.HasField("media"):
+            name = modality_name(part.media.modality)
+            parts.append({"type": name, name: part.media.content_key})  # never loaded
+        else:
+            parts.append({"type": "text", "text": part.text})
+    text_only = all(p["type"] == "text" for p in parts)
+    out: dict[str, Any] = {
+        "role": message.role,
+        "content": "".join(p["text"] for p in parts) if text_only else parts,
+    }
+    if message.name:
+        out["name"] = message.name
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls_json:
+        out["tool_calls"] = _json(message.tool_calls_json, "tool_calls", list)
+    if message.reasoning_content:
+        out["reasoning_content"] = message.reasoning_content
+    return out
+
+
+def _media_input(
+    ref: common_pb2.MediaFeatureRef, features: dict[str, mx.array], merge: int
+) -> MediaInput:
+    grid = tuple(int(g) for g in ref.grid)
+    name = modality_name(ref.modality)
+    if len(grid) != 3 or min(grid) <= 0:
+        raise InvalidRequestError(f"media {ref.content_key}: grid must be (t, h, w), got {grid}")
+    spg = (ref.seconds_per_grid or None) if name == "video" else None
+    item = MediaInput(name, _NO_PIXELS, grid, seconds_per_grid=spg)  # type: ignore[arg-type]
+    rows = features[ref.content_key].shape[0]
+    if not item.num_tokens(merge) == ref.num_tokens == rows:
+        raise InvalidRequestError(
+            f"media {ref.content_key}: grid {grid} gives {item.num_tokens(merge)} tokens, the "
+            f"ref says {ref.num_tokens} and the cached features have {rows} rows"
+        )
+    return item
+
+
+def _check_placeholders(
+    model: LoadedModel, ids: list[int], refs: list[common_pb2.MediaFeatureRef]
+) -> None:
+    pads = [getattr(model.processor, a, None) for a in ("image_token_id", "video_token_id")]
+    pads = [p for p in pads if p is not None]
+    slots = int(np.isin(np.asarray(ids), pads).sum()) if pads else 0
+    expected = sum(r.num_tokens for r in refs)
+    if slots != expected:
+        raise InvalidRequestError(
+            f"the token prompt has {slots} media placeholder tokens; its media need {expected}"
+        )
+
+
+def _json(text: str, name: str, kind: type) -> Any:
+    if not text:
+        return kind()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{name} is not valid JSON: {exc}", param=name) from exc
+    if not isinstance(value, kind):
+        raise InvalidRequestError(f"{name} must be a JSON {kind.__name__}", param=name)
+    return value
+
+
+def _takes_kwargs(fn: Any) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)

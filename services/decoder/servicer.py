@@ -1,0 +1,192 @@
+"""Decoder gRPC servicer: fetch features, build the prompt, stream the engine's events.
+
+Everything that can fail with a status (unknown model, bad parameters, missing features, full
+queue) fails before the first message is streamed, so callers can retry cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import grpc
+import mlx.core as mx
+import structlog
+from prism.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+
+from services.common.models import model_info
+from services.decoder.engine import DecoderEngine, Delta, EngineRequest, Finish, LogitsOptions
+from services.decoder.prompt import build_prompt, check_modalities, media_refs
+from shared.errors import (
+    BackendUnavailableError,
+    InvalidRequestError,
+    MissingFeaturesError,
+    ModelNotServedError,
+)
+from shared.runtime.sampling import SamplingParams
+
+log = structlog.get_logger("decoder")
+
+FINISH_REASONS = {
+    "stop": decoder_pb2.FINISH_REASON_STOP,
+    "length": decoder_pb2.FINISH_REASON_LENGTH,
+    "cancelled": decoder_pb2.FINISH_REASON_CANCELLED,
+    "error": decoder_pb2.FINISH_REASON_ERROR,
+}
+
+
+class FeatureSource(Protocol):
+    """The part of `services.cache.client.CacheClient` the decoder uses."""
+
+    async def get(
+        self, key: str, *, namespace: str = ..., request_id: str = ...
+    ) -> dict[str, mx.array] | None: ...
+
+
+def engine_options(request: decoder_pb2.GenerateRequest) -> dict[str, Any]:
+    """EngineRequest fields for sampling and stopping, validated before any feature is fetched.
+
+    Options not implemented yet are refused rather than silently ignored."""
+    s, stop, out = request.sampling, request.stop, request.output
+    if s.n > 1:
+        raise InvalidRequestError("n > 1 is not supported yet", param="n")
+    if out.logprobs or out.top_logprobs:
+        raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
+    if out.response_format.type != decoder_pb2.ResponseFormat.TYPE_TEXT:
+        raise InvalidRequestError(
+            "structured outputs are not supported yet", param="response_format"
+        )
+    if any(not -100 <= b <= 100 for b in s.logit_bias.values()):
+        raise InvalidRequestError("logit_bias values must be in [-100, 100]", param="logit_bias")
+    penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+    if penalty <= 0:
+        raise InvalidRequestError("repetition_penalty must be > 0", param="repetition_penalty")
+    sampling = SamplingParams(
+        temperature=s.temperature if s.HasField("temperature") else 0.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        seed=s.seed if s.HasField("seed") else None,
+    )
+    try:
+        sampling.validate()
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    return dict(
+        sampling=sampling,
+        logits=LogitsOptions(
+            logit_bias=dict(s.logit_bias),
+            repetition_penalty=penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            min_tokens=stop.min_tokens,
+        ),
+        max_tokens=stop.max_tokens,
+        stop=tuple(stop.stop),
+        stop_token_ids=frozenset(stop.stop_token_ids),
+        ignore_eos=stop.ignore_eos,
+    )
+
+
+def to_proto(event: Delta | Finish) -> decoder_pb2.GenerateResponse:
+    if isinstance(event, Delta):
+        return decoder_pb2.GenerateResponse(
+            delta=decoder_pb2.Delta(text=event.text, token_ids=list(event.token_ids))
+        )
+    t = event.timings
+    return decoder_pb2.GenerateResponse(
+        finish=decoder_pb2.Finish(
+            reason=FINISH_REASONS[event.reason],
+            stop_sequence=event.stop_sequence,
+            usage=common_pb2.Usage(
+                prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
+            ),
+            timings=decoder_pb2.Timings(
+                queue_ns=t.queue_ns,
+                feature_fetch_ns=t.feature_fetch_ns,
+                prefill_ns=t.prefill_ns,
+                decode_ns=t.decode_ns,
+            ),
+            error=event.error,
+        )
+    )
+
+
+class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
+    def __init__(self, engine: DecoderEngine, cache: FeatureSource) -> None:
+        self.engine, self.cache = engine, cache
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: decoder_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decoder_pb2.GenerateResponse]:
+        engine = self.engine
+        if request.model != engine.model_id:
+            raise ModelNotServedError(
+                f"model {request.model!r} is not served here; this decoder serves "
+                f"{engine.model_id!r}"
+            )
+        rid = request.request_id or structlog.contextvars.get_contextvars().get("request_id", "")
+        options = engine_options(request)
+        refs = media_refs(request)
+        check_modalities(engine.model, engine.model_id, refs)
+        start = time.perf_counter_ns()
+        fetched = await self._fetch([r.content_key for r in refs], rid, context.time_remaining())
+        fetch_ns = time.perf_counter_ns() - start
+        # Tokenising is CPU work without MLX: keep it off the event loop.
+        prompt, features = await asyncio.to_thread(build_prompt, engine.model, request, fetched)
+        handle = engine.submit(
+            EngineRequest(rid, prompt, features, feature_fetch_ns=fetch_ns, **options)
+        )
+        try:
+            async for event in handle:
+                yield to_proto(event)
+        finally:  # client cancelled, deadline passed, or done: free the slot (idempotent)
+            handle.cancel()
+
+    async def _fetch(self, keys: list[str], rid: str, timeout: float | None) -> dict[str, mx.array]:
+        """All features or MissingFeaturesError naming every absent key."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        gets = asyncio.gather(*(self.cache.get(k, request_id=rid) for k in unique))
+        try:
+            entries: list[Any] = await asyncio.wait_for(gets, timeout)
+        except asyncio.TimeoutError as exc:
+            raise BackendUnavailableError("feature fetch ran past the request deadline") from exc
+        missing = [k for k, e in zip(unique, entries, strict=True) if not e or "features" not in e]
+        if missing:
+            raise MissingFeaturesError(missing)
+        arrays = {k: e["features"] for k, e in zip(unique, entries, strict=True)}
+        # Deserialising may leave lazy views (bfloat16) built on this thread; evaluate them here,
+        # since lazy arrays cannot cross to the MLX thread (see shared.runtime.mlx_thread).
+        mx.eval(list(arrays.values()))
+        return arrays
+
+    async def ListModels(  # noqa: N802
+        self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ListModelsResponse:
+        info = model_info(self.engine.model_id, self.engine.model, self.engine.max_model_len)
+        return common_pb2.ListModelsResponse(models=[info])
+
+    async def Stats(  # noqa: N802
+        self, request: decoder_pb2.DecoderStatsRequest, context: grpc.aio.ServicerContext
+    ) -> decoder_pb2.DecoderStatsResponse:
+        s = self.engine.stats()
+        return decoder_pb2.DecoderStatsResponse(
+            num_requests_running=s.running,
+            num_requests_waiting=s.waiting,
+            kv_cache_usage=s.kv_tokens / s.max_model_len if s.max_model_len else 0.0,
+            prompt_tokens_total=s.prompt_tokens_total,
+            generation_tokens_total=s.generation_tokens_total,
+            requests_total=s.requests_total,
+        )
+
+
+def add_to_server(engine: DecoderEngine, cache: FeatureSource):  # noqa: ANN201
+    def add(server: grpc.aio.Server) -> list[str]:
+        decoder_pb2_grpc.add_DecoderServicer_to_server(DecoderServicer(engine, cache), server)
+        return ["prism.v1.Decoder"]
+
+    return add

@@ -1,0 +1,120 @@
+"""The FastAPI app: routes (each also without the /v1 prefix), lifespan, middleware, errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from services.gateway.auth import api_key_dependency
+from services.gateway.backends import BackendPools
+from services.gateway.chat import chat_completions
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import error_body, install_error_handlers
+from services.gateway.fetch import MediaFetcher
+from services.gateway.media import MediaLoader
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.middleware import RequestContextMiddleware
+from services.gateway.pipeline import Pipeline
+from services.gateway.responses import create_response
+
+
+def _pools(request: Request) -> BackendPools:
+    return request.app.state.pools
+
+
+async def health() -> dict[str, str]:
+    """The process is up (no backend is consulted)."""
+    return {"status": "ok"}
+
+
+async def ready(request: Request) -> JSONResponse:
+    """200 when every configured backend is SERVING, else 503 naming those that are not."""
+    pools = _pools(request)
+    ok, down = pools.ready()
+    if ok:
+        return JSONResponse({"status": "ready", "backends": pools.status()})
+    body = error_body("not ready: " + "; ".join(down), "server_error", code="not_ready")
+    body.update(status="not ready", down=down, backends=pools.status())
+    return JSONResponse(body, status_code=503)
+
+
+async def list_models(request: Request) -> dict[str, Any]:
+    pools, created = _pools(request), request.app.state.started
+    data = []
+    for model_id, info in sorted(pools.models().items()):
+        item: dict[str, Any] = {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "prism",
+            "modalities": pools.modality_names(info),
+        }
+        if info.max_context_tokens:
+            item["max_model_len"] = info.max_context_tokens
+        if info.random_weights:
+            item["random_weights"] = True
+        data.append(item)
+    return {"object": "list", "data": data}
+
+
+async def metrics(request: Request) -> Response:
+    content, content_type = request.app.state.metrics.render()
+    return Response(content, media_type=content_type)
+
+
+def create_app(
+    config: GatewayConfig,
+    backends: BackendPools | None = None,
+    *,
+    fetcher: MediaFetcher | None = None,
+) -> FastAPI:
+    """The gateway app. Backends (gRPC channels) start in the lifespan, inside the server's loop."""
+    pools = backends or BackendPools(
+        config.encoders, config.decoders, interval=config.health_interval
+    )
+    gateway_metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        fetch = fetcher or MediaFetcher(
+            allow=config.allow_fetch_from,
+            timeout=config.fetch_timeout,
+            max_redirects=config.max_redirects,
+        )
+        loader = MediaLoader(config, fetch)
+        app.state.fetcher = fetch
+        app.state.pipeline = Pipeline(config, pools, loader, gateway_metrics)
+        await pools.start()
+        try:
+            yield
+        finally:
+            await pools.close()
+            await fetch.aclose()
+
+    app = FastAPI(
+        title="Prism gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.config, app.state.pools, app.state.metrics = config, pools, gateway_metrics
+    app.state.started = int(time.time())
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=config.max_body_bytes, metrics=gateway_metrics
+    )
+    auth = [Depends(api_key_dependency(config.api_key))]
+    for prefix in ("/v1", ""):
+        app.add_api_route(
+            f"{prefix}/chat/completions", chat_completions, methods=["POST"], dependencies=auth
+        )
+        app.add_api_route(
+            f"{prefix}/responses", create_response, methods=["POST"], dependencies=auth
+        )
+        app.add_api_route(f"{prefix}/models", list_models, methods=["GET"], dependencies=auth)
+        app.add_api_route(f"{prefix}/ready", ready, methods=["GET"], dependencies=auth)
+        app.add_api_route(f"{prefix}/metrics", metrics, methods=["GET"], dependencies=auth)
+        app.add_api_route(f"{prefix}/health", health, methods=["GET"])
+    return app

@@ -1,0 +1,87 @@
+"""Prometheus metrics with vLLM's names under a `prism:` prefix.
+
+One registry per app (not the global one), so several gateways can live in one process (tests).
+"waiting" counts requests admitted by the gateway that have no first token yet (media, encode,
+decoder queue, prefill); "running" counts those streaming tokens.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def error_kind(status: int) -> str:
+    """Error label for an HTTP status."""
+    return {
+        400: "invalid_request",
+        401: "unauthorized",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+        429: "overloaded",
+        499: "client_disconnected",
+        502: "bad_gateway",
+        503: "unavailable",
+        504: "timeout",
+    }.get(status, "internal" if status >= 500 else "client_error")
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        label = ["model_name"]
+        self.running = Gauge(
+            "prism:num_requests_running", "Requests streaming tokens.", label, registry=r
+        )
+        self.waiting = Gauge(
+            "prism:num_requests_waiting", "Requests without a first token yet.", label, registry=r
+        )
+        self.ttft = Histogram(
+            "prism:time_to_first_token_seconds",
+            "Arrival to first token.",
+            label,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "prism:inter_token_latency_seconds",
+            "Time between streamed token events.",
+            label,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "prism:e2e_request_latency_seconds",
+            "Arrival to last token.",
+            label,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "prism:prompt_tokens", "Prompt tokens processed.", label, registry=r
+        )
+        self.generation_tokens = Counter(
+            "prism:generation_tokens", "Tokens generated.", label, registry=r
+        )
+        self.success = Counter(
+            "prism:request_success",
+            "Finished requests by reason.",
+            [*label, "finished_reason"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "prism:request_errors", "Failed requests by kind.", ["kind"], registry=r
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
