@@ -131,20 +131,24 @@ class ResponseFormat(_message.Message):
     def __init__(self, type: _Optional[_Union[ResponseFormat.Type, str]] = ..., json_schema: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("logprobs", "top_logprobs", "response_format", "tool_choice", "parse_reasoning", "skip_special_tokens")
+    __slots__ = ("logprobs", "top_logprobs", "response_format", "tool_choice", "parse_reasoning", "skip_special_tokens", "enable_thinking", "thinking_budget")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     PARSE_REASONING_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENABLE_THINKING_FIELD_NUMBER: _ClassVar[int]
+    THINKING_BUDGET_FIELD_NUMBER: _ClassVar[int]
     logprobs: bool
     top_logprobs: int
     response_format: ResponseFormat
     tool_choice: str
     parse_reasoning: bool
     skip_special_tokens: bool
-    def __init__(self, logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., tool_choice: _Optional[str] = ..., parse_reasoning: _Optional[bool] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
+    enable_thinking: bool
+    thinking_budget: int
+    def __init__(self, logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., tool_choice: _Optional[str] = ..., parse_reasoning: _Optional[bool] = ..., skip_special_tokens: _Optional[bool] = ..., enable_thinking: _Optional[bool] = ..., thinking_budget: _Optional[int] = ...) -> None: ...
 
 class SpeculativeOptions(_message.Message):
     __slots__ = ("num_draft_tokens", "disable")
