@@ -7,6 +7,7 @@ import base64
 import functools
 import http.server
 import io
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -117,6 +118,19 @@ def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "co
 def log_text(stack: Stack, component: str, index: int = 0) -> str:
     path = stack.child(component, index).log_path  # type: ignore[arg-type]
     return path.read_text(errors="replace") if path else ""
+
+
+def log_records(stack: Stack, component: str) -> list[dict[str, Any]]:
+    """The JSON log lines of every replica of `component` (other lines are skipped)."""
+    records = []
+    for index in range(len(stack.children.get(component, []))):
+        for line in log_text(stack, component, index).splitlines():
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return records
 
 
 def process_running(pid: int) -> bool:

@@ -1,10 +1,16 @@
 """Faults across the process boundary, on one stack of two encoders and two decoders behind
-one gateway: load spreading, dead encoders, features lost from the cache, and a client that
-goes away mid-stream."""
+one gateway: load spreading, dead encoders, features lost from the cache (also between one
+request's Encode and its Generate), a client that goes away mid-stream, and one request id
+followed through every process.
+
+The gateway reaches each decoder through a transparent gRPC proxy (`tests/grpc_proxy.py`), so
+a test can act at an exact point of a request's way and see what the decoders answered."""
 
 from __future__ import annotations
 
+import collections
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,9 +18,9 @@ import grpc
 import httpx
 import openai
 import pytest
-from prism.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 
 from services.launcher import Stack
+from shared.api import LoadedModel, generate, load
 from tests.e2e_support import (
     MAX_TOKENS,
     MODEL_ID,
@@ -23,19 +29,51 @@ from tests.e2e_support import (
     e2e_config,
     eventually,
     image_part,
+    log_records,
     log_text,
     png_bytes,
     reset_cache,
     user,
 )
+from tests.grpc_proxy import GrpcProxy, OneShot
+
+GENERATE = "/prism.v1.Decoder/Generate"
 
 
 @pytest.fixture(scope="module")
-def stack(checkpoint_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def proxies() -> Iterator[list[GrpcProxy]]:
+    made = [GrpcProxy(), GrpcProxy()]
+    yield made
+    for proxy in made:
+        proxy.close()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    checkpoint_factory: Any, tmp_path_factory: pytest.TempPathFactory, proxies: list[GrpcProxy]
+) -> Iterator[Stack]:
     checkpoint = checkpoint_factory("qwen2_5_vl", "hf")
     tmp = tmp_path_factory.mktemp("faults")
-    with Stack(e2e_config(checkpoint, tmp, num_encoders=2, num_decoders=2)) as running:
+    config = e2e_config(
+        checkpoint,
+        tmp,
+        num_encoders=2,
+        num_decoders=2,
+        gateway_decoders=[p.address for p in proxies],
+        # The cache logs each call (with its request id) at DEBUG only: it is the hot path.
+        cache_args=["--log-level", "DEBUG"],
+    )
+    stack = Stack(config)
+    for index, proxy in enumerate(proxies):
+        proxy.connect(stack.address("decoder", index))
+    with stack as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint_factory: Any) -> LoadedModel:
+    """The same checkpoint in-process: what the services must reproduce token for token."""
+    return load(checkpoint_factory("qwen2_5_vl", "hf"))
 
 
 @pytest.fixture(scope="module")
@@ -92,27 +130,47 @@ def _succeeds(client: openai.OpenAI, messages: list[dict[str, Any]]) -> bool:
     return True
 
 
-def test_features_evicted_between_encode_and_decode(stack: Stack) -> None:
-    """The decoder names the missing keys; encoding again makes the same request work."""
-    item = encoder_pb2.MediaItem(modality=common_pb2.MODALITY_IMAGE, data=png_bytes(300))
-    encode = encoder_pb2.EncodeRequest(model=MODEL_ID, items=[item])
-    with grpc.insecure_channel(stack.address("encoder")) as channel:
-        (first,) = encoder_pb2_grpc.EncoderStub(channel).Encode(encode, timeout=60).items
-        assert reset_cache(stack.address("cache")) >= 1
-        with grpc.insecure_channel(stack.address("decoder")) as dchannel:
-            decoder = decoder_pb2_grpc.DecoderStub(dchannel)
-            with pytest.raises(grpc.RpcError) as info:
-                list(decoder.Generate(_generate_request(first.ref), timeout=60))
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            trailers = dict(info.value.trailing_metadata() or ())
-            assert trailers["prism-missing-feature-keys"] == first.ref.content_key
-            (again,) = encoder_pb2_grpc.EncoderStub(channel).Encode(encode, timeout=60).items
-            assert not again.cache_hit and again.ref.content_key == first.ref.content_key
-            events = list(decoder.Generate(_generate_request(again.ref), timeout=60))
-    assert events[-1].finish.reason in (
-        decoder_pb2.FINISH_REASON_STOP,
-        decoder_pb2.FINISH_REASON_LENGTH,
-    )
+def test_features_evicted_between_encode_and_decode(
+    stack: Stack, client: openai.OpenAI, proxies: list[GrpcProxy], reference: LoadedModel
+) -> None:
+    """The cache is emptied after the gateway's Encode, just before its Generate reaches a
+    decoder: the decoder names the missing key (FAILED_PRECONDITION), the gateway encodes the
+    image again and retries once, and the client gets the in-process text as if nothing
+    happened."""
+    messages = user(image_part(data_uri(png_bytes(300))))
+    evict = OneShot(GENERATE, lambda: reset_cache(stack.address("cache")))
+    seen = [len(p.calls_to(GENERATE)) for p in proxies]
+    for proxy in proxies:
+        proxy.before_call = evict
+    try:
+        text = ask(client, messages)
+    finally:
+        for proxy in proxies:
+            proxy.before_call = None
+    assert text == generate(reference, messages, max_tokens=MAX_TOKENS, temperature=0.0)
+    assert evict.fired == 1 and isinstance(evict.result, int) and evict.result >= 1
+    calls = [c for p, n in zip(proxies, seen, strict=True) for c in p.calls_to(GENERATE)[n:]]
+    codes = collections.Counter(c.code for c in calls)
+    assert codes == {grpc.StatusCode.FAILED_PRECONDITION: 1, grpc.StatusCode.OK: 1}, calls
+    (refused,) = (c for c in calls if c.code != grpc.StatusCode.OK)
+    key = refused.trailers["prism-missing-feature-keys"]
+    assert len(key) == 64 and "," not in key  # one sha256 content key: the image's
+
+    def encoded() -> list[dict[str, Any]]:
+        return [
+            r for r in log_records(stack, "encoder") if r.get("event") == "encoded"
+            and r.get("key") == key[:16]
+        ]  # fmt: skip
+
+    # Encoded twice: once before the eviction, once more for the retry (never a cache hit).
+    eventually(lambda: len(encoded()) == 2, timeout=10, what="two `encoded` lines for the image")
+    (rid,) = {r["request_id"] for r in encoded()}  # both for this one request
+    retries = [
+        r["keys"]
+        for r in log_records(stack, "gateway")
+        if r.get("event") == "features_missing_reencoding" and r.get("request_id") == rid
+    ]
+    assert retries == [[key]]  # the gateway retried once, for this key
 
 
 def test_gateway_recovers_after_a_cache_reset(stack: Stack, client: openai.OpenAI) -> None:
@@ -122,16 +180,44 @@ def test_gateway_recovers_after_a_cache_reset(stack: Stack, client: openai.OpenA
     assert ask(client, image) == first  # recomputed transparently, same greedy text
 
 
-def _generate_request(ref: common_pb2.MediaFeatureRef) -> decoder_pb2.GenerateRequest:
-    content = [decoder_pb2.ContentPart(media=ref), decoder_pb2.ContentPart(text="What is it?")]
-    return decoder_pb2.GenerateRequest(
+def test_request_id_reaches_every_service(stack: Stack, client: openai.OpenAI) -> None:
+    """A client's X-Request-Id comes back on the response and is on the log lines each process
+    writes for the request: gateway, encoder, decoder, and the cache calls of both."""
+    rid = str(uuid.uuid4())
+    raw = client.chat.completions.with_raw_response.create(
         model=MODEL_ID,
-        messages=decoder_pb2.Messages(
-            messages=[decoder_pb2.ChatMessage(role="user", content=content)],
-            add_generation_prompt=True,
-        ),
-        stop=decoder_pb2.StopConditions(max_tokens=MAX_TOKENS),
+        messages=user(image_part(data_uri(png_bytes(400)))),  # new content: really encoded
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_headers={"X-Request-Id": rid},
     )
+    assert raw.headers["x-request-id"] == rid
+    assert raw.parse().choices[0].finish_reason in ("stop", "length")
+
+    def events(component: str) -> set[str]:
+        return {
+            str(r.get("method") if r.get("event") == "rpc_done" else r.get("event"))
+            for r in log_records(stack, component)
+            if r.get("request_id") == rid
+        }
+
+    wanted = {
+        "gateway": {"access"},
+        "encoder": {"encoded"},
+        "decoder": {"generated"},
+        # Contains and Put from the encoder, Get from the decoder.
+        "cache": {f"/prism.v1.Cache/{m}" for m in ("Contains", "Put", "Get")},
+    }
+    for component, names in wanted.items():
+        eventually(
+            lambda c=component, n=names: n <= events(c),
+            timeout=10,
+            what=f"{component} log lines with the request id",
+        )
+    access = [r for r in log_records(stack, "gateway") if r.get("request_id") == rid]
+    assert [(r["path"], r["status"]) for r in access if r["event"] == "access"] == [
+        ("/v1/chat/completions", 200)
+    ]
 
 
 def test_client_disconnect_cancels_decoding(stack: Stack) -> None:

@@ -90,7 +90,7 @@ class EncoderEngine:
             return []
         keys = await asyncio.to_thread(self._keys, served, items, tenant)  # hashing large bytes
         unique = list(dict.fromkeys(keys))
-        present = await _bounded(self._cache.contains(unique), deadline)
+        present = await _bounded(self._cache.contains(unique, request_id=request_id), deadline)
         # A hit needs the cache to hold the entry (authoritative) and the memo to describe it;
         # a key only the cache knows (another replica, or a restart) is recomputed.
         results = {

@@ -16,7 +16,9 @@ class FeatureStore(Protocol):
         metadata: dict[str, str] | None = ..., request_id: str = ...,
     ) -> bool: ...  # fmt: skip
 
-    async def contains(self, keys: list[str], *, namespace: str = ...) -> list[bool]: ...
+    async def contains(
+        self, keys: list[str], *, namespace: str = ..., request_id: str = ...
+    ) -> list[bool]: ...
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,9 @@ class StackConfig:
     encoder_args: list[str] = field(default_factory=list)
     decoder_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
+    # What the gateway gets as --decoder instead of the stack's own decoders (tests put
+    # fault-injecting proxies in front of them); None: the decoders this stack starts.
+    gateway_decoders: list[str] | None = None
     startup_timeout: float = 600.0  # Hub downloads and big checkpoints take a while
     # component -> module run with `python -m` (tests substitute stand-ins).
     modules: dict[str, str] = field(default_factory=lambda: dict(MODULES))
@@ -146,7 +149,8 @@ class Stack:
             return argv + cfg.decoder_args
         argv = ["-m", cfg.modules["gateway"], "--host", cfg.host, "--port", str(self.ports[name])]
         argv += ["--log-level", cfg.log_level, "--grace", str(cfg.grace)]
-        argv += ["--decoder", ",".join(self.addresses("decoder"))]
+        decoders = cfg.gateway_decoders if cfg.gateway_decoders else self.addresses("decoder")
+        argv += ["--decoder", ",".join(decoders)]
         if self.children.get("encoder"):
             argv += ["--encoder", ",".join(self.addresses("encoder"))]
         if cfg.api_key:
