@@ -165,7 +165,8 @@ def test_cancel_frees_the_engine_and_the_queue_is_bounded(model, reference):
         stats = engine.stats()
         assert (stats.running, stats.waiting, stats.requests_total) == (0, 0, 3)
 
-    with running(model, max_waiting=1) as engine:
+    # One row at a time, so the second request really waits (batching would admit it).
+    with running(model, max_waiting=1, max_num_seqs=1) as engine:
         asyncio.run(scenario(engine))
 
 

@@ -11,7 +11,10 @@ import structlog
 from services.cache.client import CacheClient
 from services.common.flags import add_server_flags, env
 from services.common.models import served_ids
+from services.decoder.config import add_engine_flags, config_from_args
 from services.decoder.engine import DecoderEngine
+from services.decoder.reasoning import add_flags as add_reasoning_flags
+from services.decoder.reasoning import defaults_from_args
 from services.decoder.servicer import add_to_server
 from shared.rpc.logging import configure_logging
 from shared.rpc.server import PrismServer
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=int(env("PRISM_MAX_WAITING", "64") or 64),
         help="requests queued beyond this are refused with RESOURCE_EXHAUSTED",
     )
+    add_engine_flags(p)
+    add_reasoning_flags(p)
     add_server_flags(p, default_port=50052)
     args = p.parse_args(argv)
     if not args.model:
@@ -52,15 +57,20 @@ async def serve(args: argparse.Namespace) -> None:
     [(model_id, path)] = served_ids([args.model], [args.served_model_name or ""])
     # Loaded on the MLX thread, which the engine then keeps (thread-local MLX streams).
     model = await mlx_thread.run(load_model, path, components=["language"], dtype=args.dtype)
-    engine = DecoderEngine(
-        model, model_id, max_model_len=args.max_model_len or None, max_waiting=args.max_waiting
-    )
+    # Bad reasoning flags are refused before anything starts.
+    defaults = defaults_from_args(args, model.tokenizer)
+    engine = DecoderEngine(model, model_id, config_from_args(args))
     engine.start()
     cache = CacheClient(args.cache)
-    server = PrismServer(add_to_server(engine, cache), grace=args.grace)
+    server = PrismServer(add_to_server(engine, cache, defaults), grace=args.grace)
     try:
         await server.start(f"{args.host}:{args.port}")
-        log.info("decoder_ready", model=model_id, max_model_len=engine.max_model_len)
+        cfg = engine.config
+        log.info(
+            "decoder_ready", model=model_id, max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            kv_cache_tokens=cfg.kv_tokens,
+        )  # fmt: skip
         await server.wait()
     finally:
         await asyncio.to_thread(engine.shutdown)

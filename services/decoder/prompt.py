@@ -8,7 +8,6 @@ the cache.
 
 from __future__ import annotations
 
-import inspect
 import json
 from typing import Any
 
@@ -19,7 +18,6 @@ from prism.v1 import common_pb2, decoder_pb2
 from services.common.models import modality_name
 from shared.errors import InvalidRequestError
 from shared.media.types import MediaInput, ProcessedPrompt
-from shared.models.text_processor import message_text
 from shared.runtime.loaded import LoadedModel
 
 _NO_PIXELS = np.zeros((0, 0), dtype=np.float32)
@@ -46,8 +44,12 @@ def check_modalities(
 
 
 def build_prompt(
-    model: LoadedModel, request: decoder_pb2.GenerateRequest, features: dict[str, mx.array]
+    model: LoadedModel,
+    request: decoder_pb2.GenerateRequest,
+    features: dict[str, mx.array],
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[ProcessedPrompt, list[mx.array]]:
+    """template_kwargs: chat-template variables (default: the request's chat_template_kwargs)."""
     refs = media_refs(request)
     media = [_media_input(ref, features, getattr(model.processor, "merge_size", 2)) for ref in refs]
     feats = [features[ref.content_key] for ref in refs]
@@ -57,7 +59,13 @@ def build_prompt(
         return ProcessedPrompt(input_ids=ids, media=media), feats
     if not request.HasField("messages"):
         raise InvalidRequestError("the request has no prompt (messages or tokens)")
-    text = render(model, request.messages)
+    if template_kwargs is None:
+        template_kwargs = _json(
+            request.messages.chat_template_kwargs_json, "chat_template_kwargs", dict
+        )
+    # tool_choice "none": the model is not told about the tools, so it answers in text.
+    tools_off = request.output.tool_choice == "none"
+    text = render(model, request.messages, template_kwargs, tools_off=tools_off)
     build = getattr(model.processor, "build_prompt", None)
     try:
         if build is not None:
@@ -69,22 +77,28 @@ def build_prompt(
         raise InvalidRequestError(str(exc)) from exc
 
 
-def render(model: LoadedModel, messages: decoder_pb2.Messages) -> str:
+def render(
+    model: LoadedModel,
+    messages: decoder_pb2.Messages,
+    template_kwargs: dict[str, Any] | None = None,
+    *,
+    tools_off: bool = False,
+) -> str:
     if not messages.messages:
         raise InvalidRequestError("messages must not be empty", param="messages")
     chat = [_message_dict(m) for m in messages.messages]
     tools = _json(messages.tools_json, "tools", list) if messages.tools_json else None
-    extra = _json(messages.chat_template_kwargs_json, "chat_template_kwargs", dict)
+    extra = dict(template_kwargs or {})
+    for reserved in ("messages", "tools", "add_generation_prompt", "tokenize", "chat_template"):
+        if reserved in extra:  # would clash with the arguments render passes itself
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {reserved!r}", param="chat_template_kwargs"
+            )
     processor, add = model.processor, messages.add_generation_prompt
     try:
-        if extra and not _takes_kwargs(processor.render) and model.tokenizer.chat_template:
-            # TextProcessor.render takes no template variables: render the flattened messages
-            # with the tokenizer directly (what it does internally).
-            flat = [{**m, "content": message_text(m["content"], ("text",))} for m in chat]
-            return model.tokenizer.apply_chat_template(
-                flat, tokenize=False, add_generation_prompt=add, tools=tools, **extra
-            )
-        return processor.render(chat, add_generation_prompt=add, tools=tools, **extra)
+        return processor.render(
+            chat, add_generation_prompt=add, tools=None if tools_off else tools or None, **extra
+        )
     except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
         raise InvalidRequestError(f"could not apply the chat template: {exc}") from exc
 
@@ -107,10 +121,25 @@ def _message_dict(message: decoder_pb2.ChatMessage) -> dict[str, Any]:
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     if message.tool_calls_json:
-        out["tool_calls"] = _json(message.tool_calls_json, "tool_calls", list)
+        out["tool_calls"] = [
+            _tool_call(c) for c in _json(message.tool_calls_json, "tool_calls", list)
+        ]
     if message.reasoning_content:
         out["reasoning_content"] = message.reasoning_content
     return out
+
+
+def _tool_call(call: Any) -> Any:
+    """OpenAI sends arguments as JSON text; templates (Qwen2.5's `| tojson`) expect the object,
+    so parse it, as vLLM does. Text that is not JSON is left as it is."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            fn = {**fn, "arguments": json.loads(fn["arguments"])}
+        except json.JSONDecodeError:
+            return call
+        return {**call, "function": fn}
+    return call
 
 
 def _media_input(
@@ -154,8 +183,3 @@ def _json(text: str, name: str, kind: type) -> Any:
     if not isinstance(value, kind):
         raise InvalidRequestError(f"{name} must be a JSON {kind.__name__}", param=name)
     return value
-
-
-def _takes_kwargs(fn: Any) -> bool:
-    params = inspect.signature(fn).parameters.values()
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)

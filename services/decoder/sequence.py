@@ -1,139 +1,152 @@
-"""One request's generation state on the engine thread: prefill, then one token per step.
+"""One request on the engine thread, from admission to Finish: host-side state only.
 
-Kept apart from the engine's scheduling so continuous batching (#4) can step many of these
-together. The arithmetic is `shared.runtime.generate`'s (same prefill chunks, same decode
-positions, same sampler), so greedy output is token-identical to the in-process path.
+The device side (prefill cache, batch slot, sampling parameters) is `runner.BatchRunner`'s;
+this holds what the host does with each generated token: detokenise, match stop strings
+across token boundaries, feed constraints, build the Delta, and decide when to finish.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterator
 
-import mlx.core as mx
+import structlog
 
-from shared.media.types import ProcessedPrompt
-from shared.runtime.generate import PREFILL_STEP, prepare_inputs
-from shared.runtime.loaded import LoadedModel
-from shared.runtime.sampling import Sampler, SamplingParams
+from services.decoder.batch_sampler import Sampled
+from services.decoder.options import LogitsOptions
+from services.decoder.outbox import Outbox
+from services.decoder.stops import StopMatcher
+from services.decoder.types import (
+    Delta,
+    EngineRequest,
+    Finish,
+    RequestHandle,
+    Timings,
+    TokenLogprob,
+)
+from shared.models.registry import PrefillInputs
+from shared.runtime.detokenizer import StreamingDetokenizer
 
+__all__ = ["LogitsOptions", "Pending", "Sequence", "read_tokens"]
 
-@dataclass
-class LogitsOptions:
-    """Adjustments applied to the logits before sampling (OpenAI / vLLM semantics)."""
-
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    repetition_penalty: float = 1.0  # >1 discourages tokens seen in the prompt or output
-    presence_penalty: float = 0.0  # subtracted once from tokens already generated
-    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
-    min_tokens: int = 0  # the ids in `banned_until_min` cannot be sampled before this many
-    banned_until_min: frozenset[int] = frozenset()
-
-    @property
-    def penalised(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-        )
+log = structlog.get_logger("decoder")
 
 
 class Sequence:
     def __init__(
         self,
-        model: LoadedModel,
-        prompt: ProcessedPrompt,
-        features: list[mx.array],
-        sampling: SamplingParams,
-        options: LogitsOptions,
+        handle: RequestHandle,
+        request: EngineRequest,
+        max_tokens: int,
+        ends: frozenset[int],
+        tokenizer: object,
+        outbox: Outbox,
     ) -> None:
-        if model.language is None:
-            raise ValueError("this model was loaded without its language model")
-        self.model, self.lm = model, model.language
-        self.prompt, self.features, self.options = prompt, features, options
-        self.sampler = Sampler(sampling)
-        self.cache: list = []
-        self.delta = 0
-        self.generated = 0  # tokens handed out by next_token
-        self._next: mx.array | None = None
-        self._bias: mx.array | None = None
-        self._counts: mx.array | None = None  # per-vocab occurrences in the output (penalties)
-        self._seen_prompt: mx.array | None = None
+        self.handle, self.request, self.outbox = handle, request, outbox
+        self.prompt_len = len(request.prompt.input_ids)
+        self.max_tokens = max_tokens
+        self.reserved = self.prompt_len + max_tokens  # KV the scheduler sets aside
+        self.prefilled = 0  # prompt tokens already in the KV
+        self.slot = -1
+        self.ends = ends  # EOS (unless ignore_eos) and stop token ids
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.stops = StopMatcher(request.stop)
+        self.inputs: PrefillInputs | None = None  # set at admission, dropped after prefill
+        self.cache: list | None = None  # the prefill's own KVCache, until copied to the slot
+        self.generated = 0  # tokens handed to the client side
+        self.stop_sequence = ""
+        self.error = ""  # why it failed, for Finish
+        self.done = False
+        self.submitted_ns = time.perf_counter_ns()
+        self.admitted_ns = self.first_ns = 0
 
     @property
-    def kv_tokens(self) -> int:
-        return self.cache[0].offset if self.cache else 0
+    def constrained(self) -> bool:
+        return bool(self.request.constraints)
 
-    def prefill(self, cancelled: Callable[[], bool]) -> bool:
-        """Run the prompt in chunks (checking `cancelled` between them); False if cancelled."""
-        inputs = prepare_inputs(self.model, self.prompt, self.features)
-        self.features = []  # merged into the embeddings; let the arrays go
-        self.cache, self.delta = self.lm.make_cache(), inputs.rope_delta
-        ids, emb, pos = inputs.input_ids, inputs.input_embeddings, inputs.position_ids
-        start, n = 0, ids.shape[1]
-        while True:
-            end = n if n - start <= PREFILL_STEP else start + PREFILL_STEP
-            logits = self.lm(
-                ids[:, start:end],
-                self.cache,
-                input_embeddings=None if emb is None else emb[:, start:end],
-                position_ids=None if pos is None else pos[..., start:end],
-            )
-            if end == n:
-                break
-            mx.eval([c.state for c in self.cache])
-            start = end
-            if cancelled():
-                return False
-        self._setup_logits(logits.shape[-1], ids)
-        self._next = self._sample(logits[:, -1, :], 0)
-        mx.async_eval(self._next)
-        return True
+    @property
+    def logprobs(self) -> int:
+        """-1: none; else how many alternatives to report with each token."""
+        return self.request.top_logprobs if self.request.logprobs else -1
 
-    def next_token(self, more: bool) -> int:
-        """The next token; with `more`, queue the following step before reading this one back
-        (the host-device round trip overlaps the next forward pass)."""
-        y = self._next
-        assert y is not None, "prefill first"
-        if more:
-            positions = None
-            if self.delta:
-                positions = mx.full((1, 1), self.cache[0].offset + self.delta, dtype=mx.int32)
-            if self._counts is not None:
-                self._counts = self._counts + (mx.arange(self._counts.shape[0]) == y[0])
-            logits = self.lm(y[:, None], self.cache, position_ids=positions)[:, -1, :]
-            self._next = self._sample(logits, self.generated + 1)
-            mx.async_eval(self._next)
+    def consume(self, token: int, logprob: TokenLogprob | None) -> str:
+        """Take the next generated token; push its Delta; return a finish reason or ""."""
         self.generated += 1
-        return int(y.item())
+        if not self.first_ns:
+            self.first_ns = time.perf_counter_ns()
+        finished_by_constraint = False
+        for constraint in self.request.constraints:
+            constraint.accept(token)
+            finished_by_constraint |= constraint.finished()
+        is_end = token in self.ends
+        text, hit = self.stops.feed("" if is_end else self.detok.add(token))
+        reason, stop_sequence = "", ""
+        if hit is not None:
+            reason, stop_sequence = "stop", hit
+        elif is_end or finished_by_constraint:
+            reason = "stop"
+        elif self.generated >= self.max_tokens:
+            reason = "length"
+        if reason and hit is None:  # release what was held back for a possible stop
+            tail, hit = self.stops.feed(self.detok.flush())
+            text += tail if hit is not None else tail + self.stops.flush()
+            stop_sequence = hit or ""
+        self.stop_sequence = stop_sequence
+        logprobs = (logprob,) if logprob is not None else ()
+        self.outbox.add(self.handle, Delta(text, (token,), logprobs))
+        return reason
 
-    def _setup_logits(self, vocab: int, prompt_ids: mx.array) -> None:
-        opts = self.options
-        bias = {t: b for t, b in opts.logit_bias.items() if 0 <= t < vocab}
-        if bias:
-            dense = mx.zeros((vocab,), dtype=mx.float32)
-            dense[mx.array(list(bias))] = mx.array(list(bias.values()), dtype=mx.float32)
-            self._bias = dense
-        if opts.penalised:
-            self._counts = mx.zeros((vocab,), dtype=mx.float32)
-            seen = mx.zeros((vocab,), dtype=mx.bool_)
-            seen[prompt_ids[0]] = True
-            self._seen_prompt = seen
+    def finish(self, reason: str, error: str = "") -> Finish:
+        self.done = True
+        last = time.perf_counter_ns()
+        start = self.admitted_ns or last
+        timings = Timings(
+            queue_ns=start - self.submitted_ns,
+            feature_fetch_ns=self.request.feature_fetch_ns,
+            prefill_ns=(self.first_ns or last) - start if self.admitted_ns else 0,
+            decode_ns=last - self.first_ns if self.first_ns else 0,
+        )
+        stop = self.stop_sequence if reason == "stop" else ""
+        return Finish(reason, self.prompt_len, self.generated, stop, timings, error)
 
-    def _sample(self, logits: mx.array, index: int) -> mx.array:
-        """Adjust (1, V) logits for the output token at `index`, then sample it."""
-        opts = self.options
-        if self._bias is not None:
-            logits = logits + self._bias.astype(logits.dtype)
-        if self._counts is not None and self._seen_prompt is not None:
-            counts = self._counts.astype(logits.dtype)
-            if opts.repetition_penalty != 1.0:
-                seen = self._seen_prompt | (counts > 0)
-                rp = opts.repetition_penalty
-                logits = mx.where(seen, mx.where(logits > 0, logits / rp, logits * rp), logits)
-            logits = logits - opts.frequency_penalty * counts
-            logits = logits - opts.presence_penalty * (counts > 0).astype(logits.dtype)
-        if index < opts.min_tokens and opts.banned_until_min:
-            banned = [t for t in opts.banned_until_min if 0 <= t < logits.shape[-1]]
-            logits[:, mx.array(banned)] = -float("inf")
-        return self.sampler(logits)
+    def log_finish(self, finish: Finish) -> None:
+        t = finish.timings
+        log.info(
+            "generated", request_id=self.request.request_id, reason=finish.reason,
+            prompt_tokens=self.prompt_len, completion_tokens=self.generated,
+            queue_ms=t.queue_ns // 1_000_000, prefill_ms=t.prefill_ns // 1_000_000,
+            decode_ms=t.decode_ns // 1_000_000,
+        )  # fmt: skip
+
+    def release_prefill(self) -> None:
+        """The prompt's KV now lives in the batch: let the prefill arrays go."""
+        self.inputs = self.cache = None
+        self.request.features = []
+
+
+def token_logprob(
+    token: int, logprob: float, ids: list[int] | None, lps: list[float] | None, top: int
+) -> TokenLogprob:
+    """A TokenLogprob with the `top` most likely alternatives, best first."""
+    if not top or ids is None or lps is None:
+        return TokenLogprob(token, logprob)
+    pairs = sorted(zip(ids, lps, strict=True), key=lambda p: -p[1])[:top]
+    return TokenLogprob(token, logprob, tuple(pairs))
+
+
+Pending = list[tuple[list[tuple[Sequence, int]], Sampled]]  # (sequence, row) pairs + results
+
+
+def read_tokens(pending: Pending) -> Iterator[tuple[Sequence, int, TokenLogprob | None]]:
+    """Read sampled tokens back from the device: (sequence, token, logprob) per row."""
+    for rows, sampled in pending:
+        tokens = sampled.tokens.tolist()
+        chosen = sampled.logprob.tolist() if sampled.logprob is not None else None
+        ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+        lps = sampled.top_lps.tolist() if sampled.top_lps is not None else None
+        for seq, row in rows:
+            logprob = None
+            if chosen is not None and seq.logprobs >= 0:
+                top = (ids[row], lps[row]) if ids is not None and lps is not None else (None, None)
+                logprob = token_logprob(tokens[row], chosen[row], *top, seq.logprobs)
+            yield seq, tokens[row], logprob

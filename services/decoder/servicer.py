@@ -17,8 +17,23 @@ import structlog
 from prism.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 
 from services.common.models import model_info
-from services.decoder.engine import DecoderEngine, Delta, EngineRequest, Finish, LogitsOptions
+from services.decoder.engine import (
+    DecoderEngine,
+    Delta,
+    EngineRequest,
+    Finish,
+    LogitsOptions,
+    TokenLogprob,
+)
 from services.decoder.prompt import build_prompt, check_modalities, media_refs
+from services.decoder.structured import (
+    OutputDefaults,
+    OutputPlan,
+    OutputProcessor,
+    plan_output,
+    template_kwargs,
+)
+from services.decoder.token_text import TokenText
 from shared.errors import (
     BackendUnavailableError,
     InvalidRequestError,
@@ -52,12 +67,6 @@ def engine_options(request: decoder_pb2.GenerateRequest) -> dict[str, Any]:
     s, stop, out = request.sampling, request.stop, request.output
     if s.n > 1:
         raise InvalidRequestError("n > 1 is not supported yet", param="n")
-    if out.logprobs or out.top_logprobs:
-        raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
-    if out.response_format.type != decoder_pb2.ResponseFormat.TYPE_TEXT:
-        raise InvalidRequestError(
-            "structured outputs are not supported yet", param="response_format"
-        )
     if any(not -100 <= b <= 100 for b in s.logit_bias.values()):
         raise InvalidRequestError("logit_bias values must be in [-100, 100]", param="logit_bias")
     penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
@@ -87,14 +96,19 @@ def engine_options(request: decoder_pb2.GenerateRequest) -> dict[str, Any]:
         stop=tuple(stop.stop),
         stop_token_ids=frozenset(stop.stop_token_ids),
         ignore_eos=stop.ignore_eos,
+        logprobs=out.logprobs or out.top_logprobs > 0,
+        top_logprobs=out.top_logprobs,
     )
 
 
-def to_proto(event: Delta | Finish) -> decoder_pb2.GenerateResponse:
+def to_proto(
+    event: Delta | Finish, tokens: TokenText | None = None
+) -> decoder_pb2.GenerateResponse:
     if isinstance(event, Delta):
-        return decoder_pb2.GenerateResponse(
-            delta=decoder_pb2.Delta(text=event.text, token_ids=list(event.token_ids))
-        )
+        delta = decoder_pb2.Delta(text=event.text, token_ids=list(event.token_ids))
+        if event.logprobs and tokens is not None:
+            delta.logprobs.extend(logprob_proto(lp, tokens) for lp in event.logprobs)
+        return decoder_pb2.GenerateResponse(delta=delta)
     t = event.timings
     return decoder_pb2.GenerateResponse(
         finish=decoder_pb2.Finish(
@@ -114,9 +128,40 @@ def to_proto(event: Delta | Finish) -> decoder_pb2.GenerateResponse:
     )
 
 
+def logprob_proto(lp: TokenLogprob, tokens: TokenText) -> decoder_pb2.TokenLogprob:
+    """OpenAI's shape: each token's text and raw bytes, with its top alternatives."""
+    top = []
+    for token_id, logprob in lp.top:
+        text, raw = tokens(token_id)
+        top.append(
+            decoder_pb2.TopLogprob(token_id=token_id, token=text, logprob=logprob, bytes=raw)
+        )
+    text, raw = tokens(lp.token_id)
+    return decoder_pb2.TokenLogprob(
+        token_id=lp.token_id, token=text, logprob=lp.logprob, bytes=raw, top_logprobs=top
+    )
+
+
+def prepare(
+    model: Any,
+    request: decoder_pb2.GenerateRequest,
+    fetched: dict[str, mx.array],
+    defaults: OutputDefaults,
+) -> tuple[Any, list[mx.array], OutputPlan]:
+    """Prompt, features and output plan (constraints): CPU work, run off the event loop."""
+    kwargs = template_kwargs(request, defaults)
+    prompt, features = build_prompt(model, request, fetched, kwargs)
+    plan = plan_output(model, request, prompt.input_ids, defaults, kwargs.get("enable_thinking"))
+    return prompt, features, plan
+
+
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
-    def __init__(self, engine: DecoderEngine, cache: FeatureSource) -> None:
+    def __init__(
+        self, engine: DecoderEngine, cache: FeatureSource, defaults: OutputDefaults | None = None
+    ) -> None:
         self.engine, self.cache = engine, cache
+        self.defaults = defaults or OutputDefaults()
+        self.tokens = TokenText(engine.model.tokenizer)  # logprobs' token text and bytes
 
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: decoder_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -134,14 +179,25 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         start = time.perf_counter_ns()
         fetched = await self._fetch([r.content_key for r in refs], rid, context.time_remaining())
         fetch_ns = time.perf_counter_ns() - start
-        # Tokenising is CPU work without MLX: keep it off the event loop.
-        prompt, features = await asyncio.to_thread(build_prompt, engine.model, request, fetched)
-        handle = engine.submit(
-            EngineRequest(rid, prompt, features, feature_fetch_ns=fetch_ns, **options)
+        # Tokenising and compiling grammars are CPU work without MLX: off the event loop.
+        prompt, features, plan = await asyncio.to_thread(
+            prepare, engine.model, request, fetched, self.defaults
         )
+        handle = engine.submit(
+            EngineRequest(
+                rid,
+                prompt,
+                features,
+                feature_fetch_ns=fetch_ns,
+                constraints=plan.constraints,
+                **options,
+            )
+        )
+        post = OutputProcessor(plan)
         try:
             async for event in handle:
-                yield to_proto(event)
+                for message in post.process(to_proto(event, self.tokens)):
+                    yield message
         finally:  # client cancelled, deadline passed, or done: free the slot (idempotent)
             handle.cancel()
 
@@ -177,16 +233,19 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         return decoder_pb2.DecoderStatsResponse(
             num_requests_running=s.running,
             num_requests_waiting=s.waiting,
-            kv_cache_usage=s.kv_tokens / s.max_model_len if s.max_model_len else 0.0,
+            kv_cache_usage=s.kv_usage,
             prompt_tokens_total=s.prompt_tokens_total,
             generation_tokens_total=s.generation_tokens_total,
             requests_total=s.requests_total,
         )
 
 
-def add_to_server(engine: DecoderEngine, cache: FeatureSource):  # noqa: ANN201
+def add_to_server(  # noqa: ANN201
+    engine: DecoderEngine, cache: FeatureSource, defaults: OutputDefaults | None = None
+):
     def add(server: grpc.aio.Server) -> list[str]:
-        decoder_pb2_grpc.add_DecoderServicer_to_server(DecoderServicer(engine, cache), server)
+        servicer = DecoderServicer(engine, cache, defaults)
+        decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
         return ["prism.v1.Decoder"]
 
     return add

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from services.decoder.sequence import LogitsOptions
+from services.decoder.constraints import TokenConstraint
+from services.decoder.options import LogitsOptions
 from shared.media.types import ProcessedPrompt
 from shared.runtime.sampling import SamplingParams
 
@@ -28,12 +30,25 @@ class EngineRequest:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     feature_fetch_ns: int = 0  # measured by the caller, reported in Timings
+    logprobs: bool = False  # report each token's log-probability
+    top_logprobs: int = 0  # and this many alternatives (up to the engine's top_logprobs_k)
+    constraints: list[TokenConstraint] = field(default_factory=list)  # masks ANDed
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The raw model log-probability of a generated token, and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id when the request asked
 
 
 @dataclass(frozen=True)
@@ -58,37 +73,55 @@ class Finish:
 class EngineStats:
     running: int
     waiting: int
-    kv_tokens: int
+    kv_tokens: int  # KV tokens held (padded rows x longest reservation)
     max_model_len: int
     prompt_tokens_total: int
     generation_tokens_total: int
     requests_total: int
+    kv_usage: float = 0.0  # fraction of the KV budget in use, 0..1
 
 
 class RequestHandle:
     """Async iterator over a request's events; fed from the engine thread."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop,
+        on_cancel: Callable[[], None] | None = None,
+    ) -> None:
         self.request_id = request_id
         self._loop = loop
         self._events: asyncio.Queue[Delta | Finish] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._on_cancel = on_cancel  # tells the engine, so it never polls every handle
         self._done = False
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot within one step (idempotent)."""
-        self._cancelled.set()
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            if self._on_cancel is not None:
+                self._on_cancel()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
     def push(self, event: Delta | Finish) -> None:
-        """Engine thread -> event loop."""
+        """Engine thread -> event loop (one event; the engine batches a step's with Outbox)."""
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            self._cancelled.set()
+            self.cancel()
+
+    def deliver(self, event: Delta | Finish) -> None:
+        """On the event loop: make `event` the next one the iterator yields."""
+        self._events.put_nowait(event)
 
     def __aiter__(self) -> RequestHandle:
         return self

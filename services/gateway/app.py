@@ -78,6 +78,7 @@ def create_app(
         config.encoders, config.decoders, interval=config.health_interval
     )
     gateway_metrics = GatewayMetrics()
+    gateway_metrics.watch_decoders(lambda: pools.backends)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ ListModels; a call that fails with UNAVAILABLE marks its backend down at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import socket
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prism.v1 import common_pb2, decoder_pb2_grpc, encoder_pb2_grpc
+from prism.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2_grpc
 
 from shared.rpc.channels import CHANNEL_OPTIONS
 
@@ -75,6 +76,7 @@ class Backend:
     healthy: bool = False
     models: dict[str, common_pb2.ModelInfo] = field(default_factory=dict)
     last_error: str = "not checked yet"
+    stats: decoder_pb2.DecoderStatsResponse | None = None  # decoders: from the health loop
 
 
 class BackendPools:
@@ -168,6 +170,8 @@ class BackendPools:
             serving = False
             b.last_error = f"{err.code().name}: {err.details()}"
         b.healthy = serving
+        if b.kind == "decoder":
+            await self._poll_stats(b)
         if was != serving:
             log.info(
                 "backend_health",
@@ -176,6 +180,17 @@ class BackendPools:
                 healthy=serving,
                 reason=b.last_error,
                 models=sorted(b.models),
+            )
+
+    async def _poll_stats(self, b: Backend) -> None:
+        """The decoder engine's own numbers (batch, queue, KV) for /metrics; best effort: a
+        decoder without Stats (or a failed call) just reports nothing."""
+        b.stats = None
+        if not b.healthy:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            b.stats = await b.stub.Stats(
+                decoder_pb2.DecoderStatsRequest(), timeout=self.check_timeout
             )
 
     def mark_down(self, b: Backend, reason: str) -> None:

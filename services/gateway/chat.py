@@ -91,7 +91,8 @@ class ToolCallIndex:
         if new:
             fn = {"name": tc.name, "arguments": tc.arguments}
             self.calls[key] = {"id": key, "type": "function", "function": fn}
-            return {"index": len(self.calls) - 1, **self.calls[key]}
+            # A copy: later pieces extend the stored arguments, not this delta's.
+            return {"index": len(self.calls) - 1, "id": key, "type": "function", "function": {**fn}}
         call = self.calls[key]
         call["function"]["arguments"] += tc.arguments
         index = list(self.calls).index(key)

@@ -2,10 +2,16 @@
 
 One registry per app (not the global one), so several gateways can live in one process (tests).
 "waiting" counts requests admitted by the gateway that have no first token yet (media, encode,
-decoder queue, prefill); "running" counts those streaming tokens.
+decoder queue, prefill); "running" counts those streaming tokens. The decoders' own numbers
+(their batch, their queue, their KV cache), polled by the health loop, are reported beside
+them as `prism:decoder_num_requests_running`, `prism:decoder_num_requests_waiting` (summed
+over a model's decoders) and `prism:kv_cache_usage_perc` (their mean, 0..1).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,6 +21,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -83,5 +91,45 @@ class GatewayMetrics:
             "prism:request_errors", "Failed requests by kind.", ["kind"], registry=r
         )
 
+    def watch_decoders(self, backends: Callable[[], list[Any]]) -> None:
+        """Report the latest Stats of `backends()`' decoders at every scrape."""
+        self.registry.register(DecoderStatsCollector(lambda: decoder_totals(backends())))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def decoder_totals(backends: list[Any]) -> dict[str, tuple[int, int, float]]:
+    """model -> (running, waiting, mean KV usage) over its healthy decoders that report."""
+    acc: dict[str, list[float]] = {}
+    for b in backends:
+        if b.kind != "decoder" or not b.healthy or b.stats is None:
+            continue
+        for model in b.models:
+            row = acc.setdefault(model, [0, 0, 0.0, 0])
+            row[0] += b.stats.num_requests_running
+            row[1] += b.stats.num_requests_waiting
+            row[2] += b.stats.kv_cache_usage
+            row[3] += 1
+    return {m: (int(r[0]), int(r[1]), r[2] / r[3]) for m, r in acc.items()}
+
+
+class DecoderStatsCollector(Collector):
+    """Gauges read at scrape time from the latest Stats of every decoder."""
+
+    _NAMES = (
+        ("prism:decoder_num_requests_running", "Requests in the decoders' batches."),
+        ("prism:decoder_num_requests_waiting", "Requests queued in the decoders."),
+        ("prism:kv_cache_usage_perc", "Decoders' KV cache usage, 0..1 (mean)."),
+    )
+
+    def __init__(self, source: Callable[[], dict[str, tuple[int, int, float]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self.source()
+        for i, (name, text) in enumerate(self._NAMES):
+            family = GaugeMetricFamily(name, text, labels=["model_name"])
+            for model, values in sorted(stats.items()):
+                family.add_metric([model], float(values[i]))
+            yield family

@@ -117,11 +117,15 @@ def output_options(
     logprobs: bool,
     fmt: decoder_pb2.ResponseFormat,
 ) -> decoder_pb2.OutputOptions:
-    return decoder_pb2.OutputOptions(
+    out = decoder_pb2.OutputOptions(
         logprobs=logprobs,
         top_logprobs=req.top_logprobs or 0,
         response_format=fmt,
         tool_choice=tool_choice(req.tool_choice),
         parse_reasoning=req.parse_reasoning,
         skip_special_tokens=req.skip_special_tokens,
+        thinking_budget=req.thinking_budget or 0,
     )
+    if req.enable_thinking is not None:
+        out.enable_thinking = req.enable_thinking
+    return out

@@ -51,7 +51,11 @@ class GenerationFields(_Lenient):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    parse_reasoning: bool = False
+    # Reasoning models (as mlx-vlm's and vLLM's servers accept them): unset = server default.
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    # Split <think>...</think> into reasoning_content / a reasoning item (false: leave it inline).
+    parse_reasoning: bool = True
     priority: int = Field(default=0, ge=-INT32_MAX, le=INT32_MAX)
 
 

@@ -70,6 +70,8 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
         self.missing_once = False  # fail the next media request with missing-feature metadata
         self.overloaded = False
         self.cancelled = threading.Event()
+        # When set, streamed as is instead of `pieces` (reasoning, tool calls, custom finishes).
+        self.script: list[decoder_pb2.GenerateResponse] | None = None
 
     def Generate(self, request: decoder_pb2.GenerateRequest, context: Any) -> Iterator[Any]:
         self.requests.append(request)
@@ -87,6 +89,9 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "features not in cache")
         state = {"finished": False}
         context.add_callback(lambda: state["finished"] or self.cancelled.set())
+        if self.script is not None:
+            yield from self.script
+            return
         limit = request.stop.max_tokens or len(self.pieces)
         pieces = self.pieces[:limit]
         for i, piece in enumerate(pieces):

@@ -13,12 +13,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 from PIL import Image
 
 from shared.media.image import DEFAULT_TIMEOUT_S, ImageSource, load_image, read_source_bytes
+
+if TYPE_CHECKING:
+    import av
 
 VideoSource = str | bytes | bytearray | Path
 
@@ -83,6 +86,8 @@ def sample_frame_indices(total_frames: int, count: int) -> np.ndarray:
 
 
 def _open(source: VideoSource, timeout: float) -> av.container.InputContainer:
+    import av  # PyAV loads FFmpeg: only processes that decode video pay for it
+
     if isinstance(source, (str, Path)) and not str(source).startswith(_REMOTE):
         path = Path(source)
         if not path.is_file():
@@ -118,6 +123,8 @@ def _decode(
 ) -> tuple[np.ndarray, list[float]]:
     """Decode once, keeping frames at ``wanted`` (sorted) indices. If the stream turns out shorter
     than its metadata said, missing indices reuse the last decoded frame."""
+    import av
+
     wanted_set = set(wanted.tolist())
     kept: dict[int, tuple[np.ndarray, float]] = {}
     last: tuple[np.ndarray, float] | None = None

@@ -47,13 +47,19 @@ class TextProcessor:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
     ) -> str:
+        """template_kwargs: extra template variables (e.g. enable_thinking for Qwen3)."""
         flat = [{**m, "content": message_text(m.get("content"), self.modalities)} for m in messages]
         if self.tokenizer.chat_template is None:
             # Base models without a template: the conversation is the plain concatenation.
             return "".join(m["content"] for m in flat)
         return self.tokenizer.apply_chat_template(
-            flat, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
+            flat,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            **template_kwargs,
         )
 
     def __call__(self, messages: list[dict[str, Any]], **kwargs: Any) -> ProcessedPrompt:

@@ -72,6 +72,15 @@ def attention_mask(length: int) -> str | None:
     return "causal" if length > 1 else None
 
 
+def create_attention_mask(length: int, cache: Cache | None) -> str | mx.array | None:
+    """The mask for this forward pass: a cache that pads rows (the batch cache) knows which
+    positions each row may see; otherwise the plain causal rule (mlx-lm's convention)."""
+    make_mask = getattr(cache, "make_mask", None)
+    if make_mask is not None:
+        return make_mask(length)
+    return attention_mask(length)
+
+
 class Attention(nn.Module):
     def __init__(self, args: TransformerArgs) -> None:
         super().__init__()
@@ -168,7 +177,7 @@ class TransformerModel(nn.Module):
         offset = cache[0].offset if cache[0] is not None else 0
         length = h.shape[1]
         positions = self.rope.positions(length, offset, position_ids)
-        mask = attention_mask(length)
+        mask = create_attention_mask(length, cache[0])
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, self.rope, positions, mask, layer_cache)
         return self.norm(h)

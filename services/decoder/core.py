@@ -1,0 +1,148 @@
+"""One engine step and the bookkeeping around it, on the engine thread.
+
+`step()`: schedule (admission by slots and KV, prefill chunks sized to the token budget) ->
+queue one batched decode step and the prefill chunks (`runner.BatchRunner`) ->
+`mx.async_eval` -> postprocess the previous step's tokens (detokenise, stop strings, Deltas)
+while this one computes -> hand the step's events to the event loop in one call. Rows with
+constraints make the host read token n before sampling n+1; the forward pass of step n+1 is
+queued first, so only the sampling waits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+import structlog
+
+from services.decoder.batch_sampler import BatchSampler
+from services.decoder.config import EngineConfig
+from services.decoder.constraints import combined_mask
+from services.decoder.outbox import Outbox
+from services.decoder.runner import BatchRunner
+from services.decoder.scheduler import Scheduler
+from services.decoder.sequence import Pending, Sequence, read_tokens
+from shared.runtime.loaded import LoadedModel
+
+log = structlog.get_logger("decoder")
+
+
+class EngineCore:
+    def __init__(self, model: LoadedModel, cfg: EngineConfig) -> None:
+        self.vocab_size = cfg.vocab_size
+        self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.kv_tokens)
+        sampler = BatchSampler(cfg.max_num_seqs, cfg.vocab_size, cfg.top_logprobs_k)
+        self.runner = BatchRunner(model, cfg.max_num_seqs, sampler)
+        self.outbox = Outbox()  # the step's events, handed to the event loop in one call
+        self.pending: Pending = []  # sampled, not yet read back
+        self.lock = threading.Lock()
+        self.waiting = 0  # submitted, not admitted yet (guarded by `lock`)
+        self.totals = [0, 0, 0]  # prompt tokens, generated tokens, requests
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self.pending)
+
+    def step(self, cancelled: list[Sequence]) -> None:
+        """Drop `cancelled`, then schedule -> queue -> postprocess the previous step."""
+        for seq in cancelled:
+            self.finish(seq, "cancelled")
+        chunks = self.scheduler.schedule(self.runner.decoding)
+        pending, self.pending = self.pending, []
+        decode = self.runner.decode()
+        queued: list[mx.array] = []
+        if decode is not None:
+            running = self.scheduler.running
+            rows = [(running[r], r) for r in decode.live.nonzero()[0].tolist()]
+            masks = None
+            if self.runner.constrained[: len(decode.live)][decode.live].any():
+                # Constraints need the last token on the host before masking the next one:
+                # start the forward pass, then read, then sample (the overlap remains).
+                mx.async_eval(decode.logits)
+                self._postprocess(pending)
+                pending, masks = [], self._masks(rows)
+            sampled = self.runner.sample(decode, masks)
+            self.pending.append((rows, sampled))
+            queued += sampled.arrays()
+        for seq, n in chunks:
+            queued += self._prefill(seq, n)
+        if queued:
+            mx.async_eval(queued)
+        self._postprocess(pending)
+        self.outbox.flush()
+
+    def _prefill(self, seq: Sequence, n: int) -> list[mx.array]:
+        if not seq.admitted_ns:
+            try:
+                self._admit(seq)
+            except Exception as exc:  # noqa: BLE001 - a bad prompt fails alone
+                self.finish(seq, self._failed(seq, exc))
+                return []
+        logits = self.runner.prefill(seq, n)
+        if logits is None:  # more chunks to come: evaluate this one now, interleaved
+            return [t for c in seq.cache or [] for t in c.state]
+        mask = self._mask(seq) if seq.constrained else None
+        if seq.done:  # its constraint failed
+            return []
+        sampled = self.runner.first_token(seq, logits, mask)
+        self.scheduler.prefill_done(seq)
+        self.pending.append(([(seq, 0)], sampled))
+        return sampled.arrays()
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.admitted_ns = time.perf_counter_ns()
+        with self.lock:
+            self.waiting -= 1
+        self.totals[0] += seq.prompt_len
+        self.runner.start(seq)
+
+    def _masks(self, rows: list[tuple[Sequence, int]]) -> dict[int, np.ndarray] | None:
+        masks = {}
+        for seq, row in rows:
+            if seq.constrained and not seq.done and (mask := self._mask(seq)) is not None:
+                masks[row] = mask
+        return masks or None
+
+    def _postprocess(self, pending: Pending) -> None:
+        """Hand each row its token (this reads the device); finish the rows that end."""
+        for seq, token, logprob in read_tokens(pending):
+            if seq.done:
+                continue
+            try:
+                reason = seq.consume(token, logprob)
+            except Exception as exc:  # noqa: BLE001 - e.g. a constraint: fails its request only
+                reason = self._failed(seq, exc)
+            if reason:
+                self.finish(seq, reason)
+
+    def _mask(self, seq: Sequence) -> np.ndarray | None:
+        """The row's allowed tokens (None: all); a constraint that raises fails its request."""
+        try:
+            return combined_mask(seq.request.constraints, self.vocab_size)
+        except Exception as exc:  # noqa: BLE001
+            self.finish(seq, self._failed(seq, exc))
+            return None
+
+    def _failed(self, seq: Sequence, exc: Exception) -> str:
+        log.exception("request_failed", request_id=seq.request.request_id)
+        seq.error = f"{type(exc).__name__}: {exc}"
+        return "error"
+
+    def finish(self, seq: Sequence, reason: str, error: str = "") -> None:
+        """Free the slot and KV before the caller sees Finish, so stats never lag behind."""
+        if seq.done:
+            return
+        error = error or seq.error
+        if seq.slot >= 0:
+            self.runner.release(seq.slot)
+        elif not seq.admitted_ns:
+            with self.lock:
+                self.waiting -= 1
+        self.scheduler.free(seq)
+        finish = seq.finish(reason, error)
+        if seq.admitted_ns:
+            self.totals[1] += seq.generated
+            self.totals[2] += 1
+            seq.log_finish(finish)
+        self.outbox.add(seq.handle, finish)

@@ -1,0 +1,164 @@
+"""A slot-based, right-padded KV cache for decoding many sequences in one forward pass.
+
+Each layer holds keys/values buffers of shape (slots, n_kv, capacity, head_dim). Row i of a
+decode step is slot i; slot i holds `lengths[i]` valid tokens at positions [0, lengths[i]).
+A step writes every row's new key/value at its own position `lengths[i]` (one scatter) and
+attends through a boolean mask hiding positions beyond it, so rows of different lengths share
+one batched matmul without ever moving each other's KV. Prefill happens elsewhere (one
+sequence, its own `KVCache`); `insert` copies the finished prompt KV into a free slot.
+
+`BatchLayout` holds what all layers share for one step (rows, span, write indices, mask), so
+the per-layer caches stay dumb and the model code only needs `cache.make_mask()` (see
+`transformer.create_attention_mask`). Rows that are free or finished still compute (their
+slot is inside the batch) but nothing reads their results: they write at their own length
+and see at least that position, so their numbers stay finite (no all-masked softmax).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+T_STEP = 256  # grow the token capacity in steps, like KVCache
+SLOT_STEP = 8  # grow the slot capacity in steps
+
+
+def _round_up(n: int, step: int) -> int:
+    return max(step, -(-n // step) * step)
+
+
+class BatchLayout:
+    """One decode step's geometry, computed once and read by every layer's cache."""
+
+    def __init__(self) -> None:
+        self.slots = 0  # slot capacity of every layer's buffers
+        self.capacity = 0  # token capacity of every layer's buffers
+        self.rows = 0  # rows in this step (slots [0, rows))
+        self.span = 0  # tokens attended this step: max(lengths[:rows]) + 1
+        self.write: mx.array | None = None  # (rows,) int32 position each row writes at
+        self.mask: mx.array | None = None  # (rows, 1, 1, span) bool: True = visible
+        self._flat: mx.array | None = None  # scatter indices, built by the first layer
+
+    def reset(self) -> None:
+        """No live rows: forget the capacities (the caches release their buffers)."""
+        self.__init__()
+
+    def begin(self, lengths: np.ndarray, max_slots: int) -> None:
+        """Lay out a step over rows [0, len(lengths)); grow capacities if needed."""
+        rows = len(lengths)
+        self.rows, self.span = rows, int(lengths.max()) + 1
+        if rows > self.slots:
+            self.slots = min(max_slots, _round_up(rows, SLOT_STEP))
+        if self.span > self.capacity:
+            self.capacity = _round_up(self.span, T_STEP)
+        pos = mx.array(lengths.astype(np.int32))
+        self.write, self._flat = pos, None
+        self.mask = (mx.arange(self.span)[None, :] <= pos[:, None])[:, None, None, :]
+
+    def flat_index(self, n_kv: int) -> mx.array:
+        """(rows * n_kv,) indices of each row's write position in a buffer viewed as
+        (slots * n_kv * capacity, head_dim): one single-axis scatter writes every row."""
+        if self._flat is None:
+            assert self.write is not None
+            base = mx.arange(self.rows)[:, None] * n_kv + mx.arange(n_kv)[None, :]
+            self._flat = (base * self.capacity + self.write[:, None]).reshape(-1)
+        return self._flat
+
+    def reserve(self, slot: int, length: int, max_slots: int) -> None:
+        """Make room for `length` tokens in `slot` (before an insert)."""
+        if slot >= self.slots:
+            self.slots = min(max_slots, _round_up(slot + 1, SLOT_STEP))
+        if length > self.capacity:
+            self.capacity = _round_up(length, T_STEP)
+
+    def shrink(self, longest: int) -> bool:
+        """Lower the token capacity when the longest live row needs far less (True if so)."""
+        want = _round_up(longest + 1, T_STEP)
+        if self.capacity >= 2 * want:
+            self.capacity = want
+            return True
+        return False
+
+
+class BatchKVCache:
+    """One layer's slot buffers; implements the `Cache` protocol for one-token decode steps."""
+
+    def __init__(self, layout: BatchLayout) -> None:
+        self.layout = layout
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0  # unused: batched calls always pass per-row position ids
+
+    def make_mask(self, length: int) -> mx.array:
+        if length != 1:
+            raise ValueError("a batch cache decodes one token per row; prefill with KVCache")
+        assert self.layout.mask is not None, "BatchLayout.begin first"
+        return self.layout.mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        lay = self.layout
+        self._fit(keys, values)
+        assert self.keys is not None and self.values is not None and lay.write is not None
+        rows, flat = keys.shape[0], lay.flat_index(keys.shape[1])
+        self.keys = _scatter_rows(self.keys, flat, keys)
+        self.values = _scatter_rows(self.values, flat, values)
+        span = lay.span
+        return self.keys[:rows, :, :span, :], self.values[:rows, :, :span, :]
+
+    def insert(self, slot: int, keys: mx.array, values: mx.array) -> None:
+        """Copy one prefilled sequence's (1, n_kv, L, D) keys/values into `slot`."""
+        self._fit(keys, values)
+        assert self.keys is not None and self.values is not None
+        length = keys.shape[2]
+        self.keys[slot : slot + 1, :, :length, :] = keys
+        self.values[slot : slot + 1, :, :length, :] = values
+
+    def release(self) -> None:
+        self.keys = self.values = None
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        if self.keys is None or self.values is None:
+            return ()
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes  # type: ignore[union-attr]
+
+    def _fit(self, keys: mx.array, values: mx.array) -> None:
+        """Resize the buffers to the layout's capacities, keeping their contents."""
+        lay = self.layout
+        if self.keys is None:
+            self.keys = mx.zeros(
+                (lay.slots, keys.shape[1], lay.capacity, keys.shape[3]), keys.dtype
+            )
+            shape = (lay.slots, values.shape[1], lay.capacity, values.shape[3])
+            self.values = mx.zeros(shape, values.dtype)
+            return
+        assert self.values is not None
+        self.keys = _resize(self.keys, lay.slots, lay.capacity)
+        self.values = _resize(self.values, lay.slots, lay.capacity)
+
+
+def _scatter_rows(buf: mx.array, flat: mx.array, new: mx.array) -> mx.array:
+    shape = buf.shape
+    view = buf.reshape(-1, shape[-1])
+    view[flat] = new.reshape(-1, shape[-1]).astype(buf.dtype)
+    return view.reshape(shape)
+
+
+def _resize(buf: mx.array, slots: int, capacity: int) -> mx.array:
+    s, h, t, d = buf.shape
+    if t > capacity:  # shrink: copy, so the large buffer can be freed
+        buf = mx.contiguous(buf[:, :, :capacity, :])
+    elif t < capacity:
+        buf = mx.concatenate([buf, mx.zeros((s, h, capacity - t, d), buf.dtype)], axis=2)
+    if s < slots:
+        buf = mx.concatenate([buf, mx.zeros((slots - s, h, capacity, d), buf.dtype)], axis=0)
+    return buf
+
+
+def make_batch_caches(num_layers: int) -> tuple[BatchLayout, list[BatchKVCache]]:
+    layout = BatchLayout()
+    return layout, [BatchKVCache(layout) for _ in range(num_layers)]
