@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import sys
 
 import structlog
 
@@ -17,8 +18,7 @@ from services.cache.disk import DiskStore
 from services.cache.servicer import add_cache_servicer
 from services.cache.store import MemoryStore
 from services.cache.tiered import TieredStore
-from services.common.flags import env
-from shared.rpc.logging import configure_logging
+from services.common.flags import env, run_service
 from shared.rpc.server import PrismServer
 
 MIB = 1024 * 1024
@@ -59,6 +59,12 @@ def build_store(args: argparse.Namespace) -> TieredStore:
 
 async def serve(args: argparse.Namespace) -> None:
     log = structlog.get_logger("cache")
+    log.info(
+        "cache_config",
+        memory_mb=args.memory_mb,
+        disk_path=args.disk_path or None,
+        disk_max_gb=args.disk_max_gb if args.disk_path else None,
+    )
     store = build_store(args)
     server = PrismServer(add_cache_servicer(store), grace=args.grace)
     try:
@@ -70,17 +76,9 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("cache_closed", **dataclasses.asdict(store.stats()))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging("cache", args.log_level)
-    structlog.get_logger("cache").info(
-        "cache_config",
-        memory_mb=args.memory_mb,
-        disk_path=args.disk_path or None,
-        disk_max_gb=args.disk_max_gb if args.disk_path else None,
-    )
-    asyncio.run(serve(args))
+def main(argv: list[str] | None = None) -> int:
+    return run_service("cache", serve, parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

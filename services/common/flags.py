@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import sys
+from collections.abc import Awaitable, Callable
+
+from shared.rpc.logging import configure_logging
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -33,3 +38,17 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
     )
     parser.add_argument("--grace", type=float, default=float(env("PRISM_GRACE", "30")))
     parser.add_argument("--log-level", default=env("PRISM_LOG_LEVEL", "INFO"))
+
+
+def run_service(
+    name: str, serve: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace
+) -> int:
+    """Log as `name`, serve until SIGTERM/SIGINT. Start-up failures (port in use, model missing,
+    bad flags) are one line on stderr and exit code 2, not a traceback."""
+    configure_logging(name, args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except (OSError, ValueError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

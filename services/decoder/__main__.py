@@ -9,14 +9,13 @@ import sys
 import structlog
 
 from services.cache.client import CacheClient
-from services.common.flags import add_server_flags, env
+from services.common.flags import add_server_flags, env, run_service
 from services.common.models import served_ids
 from services.decoder.config import add_engine_flags, config_from_args
 from services.decoder.engine import DecoderEngine
 from services.decoder.reasoning import add_flags as add_reasoning_flags
 from services.decoder.reasoning import defaults_from_args
 from services.decoder.servicer import add_to_server
-from shared.rpc.logging import configure_logging
 from shared.rpc.server import PrismServer
 from shared.runtime import mlx_thread
 from shared.runtime.loaded import load_model
@@ -78,14 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging("decoder", args.log_level)
-    try:
-        asyncio.run(serve(args))
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("decoder", serve, parse_args(argv))
 
 
 if __name__ == "__main__":

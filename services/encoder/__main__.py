@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 import structlog
 
 from services.cache.client import CacheClient
-from services.common.flags import add_server_flags, env_list
+from services.common.flags import add_server_flags, env_list, run_service
 from services.common.models import served_ids
 from services.encoder.engine import EncoderEngine
 from services.encoder.servicer import add_to_server
-from shared.rpc.logging import configure_logging
 from shared.rpc.server import PrismServer
 from shared.runtime import mlx_thread
 from shared.runtime.loaded import LoadedModel, load_model
@@ -67,14 +65,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging("encoder", args.log_level)
-    try:
-        asyncio.run(serve(args))
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("encoder", serve, parse_args(argv))
 
 
 if __name__ == "__main__":

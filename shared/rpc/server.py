@@ -47,7 +47,10 @@ class PrismServer:
             await self.health.set(name, status)
 
     async def start(self, address: str) -> int:
-        port = self.server.add_insecure_port(address)
+        try:
+            port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's "Failed to bind": usually the port is taken
+            raise OSError(f"could not bind {address} (port in use?)") from exc
         if port == 0:
             raise OSError(f"could not bind {address}")
         await self.server.start()
