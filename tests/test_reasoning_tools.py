@@ -251,3 +251,26 @@ def test_thinking_off_and_on_with_tiny_qwen3(qwen3):
     _, _, plan = prepare(qwen3, req, {}, OutputDefaults())
     budget, gated = plan.constraints
     assert isinstance(budget, ThinkingBudget) and gated.allowed()[token_ids("qwen3")["<think>"]]
+
+
+def test_thinking_markers_are_configurable(checkpoint_factory):
+    import argparse
+
+    from services.decoder.reasoning import add_flags, defaults_from_args, thinking_tokens
+    from shared.api import load
+
+    tokenizer = load(checkpoint_factory("qwen3", "hf"), components=["language"]).tokenizer
+    vocab = tokenizer.get_vocab()
+    # Any pair of single tokens can mark reasoning; here the tool-call markers stand in.
+    marks = thinking_tokens(tokenizer, "<tool_call>", "</tool_call>")
+    assert marks == ThinkingTokens(
+        vocab["<tool_call>"], vocab["</tool_call>"], "<tool_call>", "</tool_call>"
+    )
+    assert thinking_tokens(tokenizer, "<reason>", "</reason>") is None
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    args = parser.parse_args(["--reasoning-parser", "qwen3", "--thinking-start-token", "<reason>"])
+    with pytest.raises(ValueError, match="<reason>"):
+        defaults_from_args(args, tokenizer)
+    ok = parser.parse_args(["--thinking-end-token", "</tool_call>"])
+    assert defaults_from_args(ok, tokenizer).thinking_end_token == "</tool_call>"

@@ -27,13 +27,16 @@ class ThinkingTokens:
     end: str = "</think>"
 
 
-def thinking_tokens(tokenizer: object) -> ThinkingTokens | None:
-    """The tokenizer's <think>/</think> ids, or None when it has none (no reasoning parser)."""
+def thinking_tokens(
+    tokenizer: object, start: str = "<think>", end: str = "</think>"
+) -> ThinkingTokens | None:
+    """The ids of the thinking start/end tokens, or None when the tokenizer lacks either (no
+    reasoning parser)."""
     vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
-    start, end = vocab.get("<think>"), vocab.get("</think>")
-    if start is None or end is None:
+    start_id, end_id = vocab.get(start), vocab.get(end)
+    if start_id is None or end_id is None:
         return None
-    return ThinkingTokens(int(start), int(end))
+    return ThinkingTokens(int(start_id), int(end_id), start, end)
 
 
 def starts_in_thinking(prompt_ids: Sequence[int], tokens: ThinkingTokens) -> bool:
@@ -55,6 +58,8 @@ class OutputDefaults:
     enable_thinking: bool | None = None  # None: whatever the chat template does by default
     thinking_budget: int = 0  # 0: unlimited
     reasoning_parser: str = "auto"  # "qwen3", "none", or "auto" (qwen3 if <think> exists)
+    thinking_start_token: str = "<think>"
+    thinking_end_token: str = "</think>"
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -80,15 +85,29 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="split <think>...</think> into reasoning (auto: when the tokenizer has <think>) "
         "[PRISM_REASONING_PARSER]",
     )
+    p.add_argument(
+        "--thinking-start-token",
+        default=env("PRISM_THINKING_START_TOKEN", "<think>"),
+        help="the token that opens reasoning [PRISM_THINKING_START_TOKEN]",
+    )
+    p.add_argument(
+        "--thinking-end-token",
+        default=env("PRISM_THINKING_END_TOKEN", "</think>"),
+        help="the token that closes reasoning (forced when the budget is spent) "
+        "[PRISM_THINKING_END_TOKEN]",
+    )
 
 
 def defaults_from_args(args: argparse.Namespace, tokenizer: object) -> OutputDefaults:
     """Checked against the model's tokenizer at start-up (ValueError: a configuration mistake)."""
     if args.thinking_budget < 0:
         raise ValueError("--thinking-budget must be >= 0")
-    if args.reasoning_parser == "qwen3" and thinking_tokens(tokenizer) is None:
-        raise ValueError("--reasoning-parser qwen3: this tokenizer has no <think>/</think> tokens")
-    return OutputDefaults(args.enable_thinking, args.thinking_budget, args.reasoning_parser)
+    start, end = args.thinking_start_token, args.thinking_end_token
+    if args.reasoning_parser == "qwen3" and thinking_tokens(tokenizer, start, end) is None:
+        raise ValueError(f"--reasoning-parser qwen3: the tokenizer has no {start}/{end} tokens")
+    return OutputDefaults(
+        args.enable_thinking, args.thinking_budget, args.reasoning_parser, start, end
+    )
 
 
 class ThinkingState:

@@ -74,7 +74,7 @@ def plan_output(
     """Validate the output options and build the constraints (InvalidRequestError if bad)."""
     out, plan = request.output, OutputPlan()
     tok = model.tokenizer
-    think = _reasoning_markers(model, defaults.reasoning_parser)
+    think = _reasoning_markers(model, defaults)
     in_thinking = think is not None and starts_in_thinking(prompt_ids, think)
     # May the model open <think> itself? Not when thinking is off, nor when the template
     # already closed an empty block at the end of the prompt (Qwen3, enable_thinking=False).
@@ -101,12 +101,16 @@ def plan_output(
     return plan
 
 
-def _reasoning_markers(model: LoadedModel, parser: str) -> ThinkingTokens | None:
-    """The <think> markers when reasoning is parsed: always with "qwen3"; with "auto" only when
-    the chat template writes <think> too (Qwen2.5's tokenizer has the tokens but never thinks)."""
+def _reasoning_markers(model: LoadedModel, defaults: OutputDefaults) -> ThinkingTokens | None:
+    """The thinking markers when reasoning is parsed: always with "qwen3"; with "auto" only when
+    the chat template writes the start marker too (Qwen2.5's tokenizer has <think> but never
+    thinks)."""
+    parser = defaults.reasoning_parser
     if parser == "none":
         return None
-    think = thinking_tokens(model.tokenizer)
+    think = thinking_tokens(
+        model.tokenizer, defaults.thinking_start_token, defaults.thinking_end_token
+    )
     if parser == "auto":
         template = getattr(model.processor, "chat_template", None) or getattr(
             model.tokenizer, "chat_template", None
