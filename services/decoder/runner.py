@@ -68,19 +68,31 @@ class BatchRunner:
 
     def prefill(self, seq: Sequence, n: int) -> mx.array | None:
         """Queue the next `n` prompt tokens; the last position's logits once the prompt is
-        complete, else None (then `seq.cache` holds what to evaluate)."""
+        complete, else None (then `seq.cache` holds what to evaluate).
+
+        The prompt's last token runs on its own: the tokens before it only fill the cache, so
+        MLX never computes the last layer's output path or the LM head for them.
+        """
         inputs, cache = seq.inputs, seq.cache
         assert inputs is not None and cache is not None
-        start, end = seq.prefilled, seq.prefilled + n
         emb, pos = inputs.input_embeddings, inputs.position_ids
-        logits = self.lm(
-            inputs.input_ids[:, start:end],
-            cache,
-            input_embeddings=None if emb is None else emb[:, start:end],
-            position_ids=None if pos is None else pos[..., start:end],
-        )
+
+        def run(start: int, end: int) -> mx.array:
+            return self.lm(
+                inputs.input_ids[:, start:end],
+                cache,
+                input_embeddings=None if emb is None else emb[:, start:end],
+                position_ids=None if pos is None else pos[..., start:end],
+            )
+
+        start, end = seq.prefilled, seq.prefilled + n
         seq.prefilled = end
-        return logits if end == seq.prompt_len else None
+        if end < seq.prompt_len:
+            run(start, end)
+            return None
+        if end - start > 1:
+            run(start, end - 1)
+        return run(end - 1, end)
 
     def first_token(self, seq: Sequence, logits: mx.array, mask: np.ndarray | None) -> Sampled:
         """Sample the prompt's next token and move its KV into the slot; it decodes next step."""
