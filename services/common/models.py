@@ -7,23 +7,13 @@ from collections.abc import Sequence
 from prism.v1 import common_pb2
 
 from shared.loading.config import text_config
+from shared.rpc.modalities import MODALITY_TO_PROTO, PROTO_TO_MODALITY, modality_name
 from shared.runtime.loaded import LoadedModel
 
-MODALITY_TO_PROTO: dict[str, int] = {
-    "text": common_pb2.MODALITY_TEXT,
-    "image": common_pb2.MODALITY_IMAGE,
-    "video": common_pb2.MODALITY_VIDEO,
-    "audio": common_pb2.MODALITY_AUDIO,
-}
-PROTO_TO_MODALITY: dict[int, str] = {v: k for k, v in MODALITY_TO_PROTO.items()}
+__all__ = ["MODALITY_TO_PROTO", "PROTO_TO_MODALITY", "modality_name"]
 
 DEMO_FLAG = "prism_demo"  # config.json key written by shared.testing.demo: weights are random
 DEFAULT_CONTEXT = 32768
-
-
-def modality_name(value: int) -> str:
-    """Proto enum -> "image"/"video"/...; "unspecified" for anything unknown."""
-    return PROTO_TO_MODALITY.get(value, "unspecified")
 
 
 def served_ids(models: Sequence[str], names: Sequence[str]) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ import numpy as np
 from services.decoder.batch_sampler import BatchSampler, Sampled
 from services.decoder.sequence import Sequence
 from shared.models.batch_cache import make_batch_caches
-from shared.runtime.generate import prepare_inputs
+from shared.runtime.generate import forward_span, prepare_inputs
 from shared.runtime.loaded import LoadedModel
 
 
@@ -75,24 +75,14 @@ class BatchRunner:
         """
         inputs, cache = seq.inputs, seq.cache
         assert inputs is not None and cache is not None
-        emb, pos = inputs.input_embeddings, inputs.position_ids
-
-        def run(start: int, end: int) -> mx.array:
-            return self.lm(
-                inputs.input_ids[:, start:end],
-                cache,
-                input_embeddings=None if emb is None else emb[:, start:end],
-                position_ids=None if pos is None else pos[..., start:end],
-            )
-
         start, end = seq.prefilled, seq.prefilled + n
         seq.prefilled = end
         if end < seq.prompt_len:
-            run(start, end)
+            forward_span(self.lm, inputs, cache, start, end)
             return None
         if end - start > 1:
-            run(start, end - 1)
-        return run(end - 1, end)
+            forward_span(self.lm, inputs, cache, start, end - 1)
+        return forward_span(self.lm, inputs, cache, end - 1, end)
 
     def first_token(self, seq: Sequence, logits: mx.array, mask: np.ndarray | None) -> Sampled:
         """Sample the prompt's next token and move its KV into the slot; it decodes next step."""

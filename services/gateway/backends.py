@@ -22,15 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prism.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, encoder_pb2_grpc
 
 from shared.rpc.channels import CHANNEL_OPTIONS
+from shared.rpc.modalities import PROTO_TO_MODALITY
 
 log = structlog.get_logger("gateway")
 
-MODALITY_NAMES = {
-    common_pb2.MODALITY_TEXT: "text",
-    common_pb2.MODALITY_IMAGE: "image",
-    common_pb2.MODALITY_VIDEO: "video",
-    common_pb2.MODALITY_AUDIO: "audio",
-}
 RERESOLVE_EVERY = 15  # health rounds between DNS re-resolutions
 
 
@@ -223,8 +218,8 @@ class BackendPools:
         return merged
 
     def modality_names(self, info: common_pb2.ModelInfo) -> list[str]:
-        names = {MODALITY_NAMES.get(m) for m in info.modalities} | {"text"}
-        order = list(MODALITY_NAMES.values())
+        names = {PROTO_TO_MODALITY.get(m) for m in info.modalities} | {"text"}
+        order = list(PROTO_TO_MODALITY.values())
         return sorted((n for n in names if n), key=order.index)
 
     def status(self) -> list[dict[str, Any]]:

@@ -31,14 +31,10 @@ from shared.errors import (
     PrismError,
 )
 from shared.rpc.channels import request_metadata
+from shared.rpc.modalities import MODALITY_TO_PROTO
 
 log = structlog.get_logger("gateway")
 
-MODALITY = {
-    "image": common_pb2.MODALITY_IMAGE,
-    "video": common_pb2.MODALITY_VIDEO,
-    "audio": common_pb2.MODALITY_AUDIO,
-}
 _INT_OPTIONS = ("min_pixels", "max_pixels", "min_frames", "max_frames", "num_frames")
 
 
@@ -122,7 +118,7 @@ class Pipeline:
             opts = {k: int(v) if k in _INT_OPTIONS else v for k, v in spec.options.items()}
             items.append(
                 encoder_pb2.MediaItem(
-                    modality=MODALITY[spec.modality],
+                    modality=MODALITY_TO_PROTO[spec.modality],
                     data=blob,
                     options=encoder_pb2.MediaOptions(**opts),
                 )

@@ -67,6 +67,19 @@ def _decode_positions(offset: int, delta: int) -> mx.array:
     return mx.full((1, 1), offset + delta, dtype=mx.int32)
 
 
+def forward_span(
+    lm: LanguageModel, inputs: PrefillInputs, cache: list, start: int, end: int
+) -> mx.array:
+    """The model on prompt positions [start, end), appending their KV to `cache`."""
+    emb, pos = inputs.input_embeddings, inputs.position_ids
+    return lm(
+        inputs.input_ids[:, start:end],
+        cache,
+        input_embeddings=None if emb is None else emb[:, start:end],
+        position_ids=None if pos is None else pos[..., start:end],
+    )
+
+
 def prefill(lm: LanguageModel, inputs: PrefillInputs, cache: list) -> mx.array:
     """Run the prompt through the model in chunks; return the last position's logits (1, V).
 
@@ -75,21 +88,11 @@ def prefill(lm: LanguageModel, inputs: PrefillInputs, cache: list) -> mx.array:
     (logits for a 2048-token chunk of a 152k vocabulary would be ~0.6 GB never read). The last
     token then runs alone.
     """
-    ids, emb, pos = inputs.input_ids, inputs.input_embeddings, inputs.position_ids
-
-    def run(start: int, end: int) -> mx.array:
-        return lm(
-            ids[:, start:end],
-            cache,
-            input_embeddings=None if emb is None else emb[:, start:end],
-            position_ids=None if pos is None else pos[..., start:end],
-        )
-
-    last = ids.shape[1] - 1
+    last = inputs.input_ids.shape[1] - 1
     for start in range(0, last, PREFILL_STEP):
-        run(start, min(start + PREFILL_STEP, last))
+        forward_span(lm, inputs, cache, start, min(start + PREFILL_STEP, last))
         mx.eval([c.state for c in cache])
-    return run(last, last + 1)[:, -1, :]
+    return forward_span(lm, inputs, cache, last, last + 1)[:, -1, :]
 
 
 def stream_generate(
