@@ -100,7 +100,9 @@ def test_engine_hit_computes_nothing_and_concurrent_duplicates_share_work(vision
         item = MediaItemInput("image", png(1))
         a, b = await asyncio.gather(engine.encode("vl", [item]), engine.encode("vl", [item]))
         assert engine.computed == 1  # the second request waited for the first
-        assert a[0].ref == b[0].ref and not a[0].cache_hit and a[0].encode_ns > 0
+        assert a[0].ref == b[0].ref and not a[0].cache_hit and not b[0].cache_hit
+        # Either request may be the one that computes, depending on task scheduling.
+        assert sorted(x[0].encode_ns > 0 for x in (a, b)) == [False, True]
         ref = a[0].ref
         stored = cache.entries[ref.key]["features"]
         assert stored.shape == (ref.num_tokens, *stored.shape[1:]) and ref.grid[0] == 1
