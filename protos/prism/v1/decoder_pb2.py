@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from prism.v1 import cache_pb2 as prism_dot_v1_dot_cache__pb2
 from prism.v1 import common_pb2 as prism_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prism/v1/decoder.proto\x12\x08prism.v1\x1a\x15prism/v1/common.proto\"Q\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x05media\x18\x02 \x01(\x0b\x32\x19.prism.v1.MediaFeatureRefH\x00\x42\x06\n\x04part\"\x9b\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12&\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x15.prism.v1.ContentPart\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x05 \x01(\t\x12\x19\n\x11reasoning_content\x18\x06 \x01(\t\"\x89\x01\n\x08Messages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.prism.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x12!\n\x19\x63hat_template_kwargs_json\x18\x04 \x01(\t\"J\n\x0bTokenPrompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12(\n\x05media\x18\x02 \x03(\x0b\x32\x19.prism.v1.MediaFeatureRef\"\xf9\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12;\n\nlogit_bias\x18\x08 \x03(\x0b\x32\'.prism.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\t\n\x01n\x18\n \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"r\n\x0eStopConditions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x05\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x12\n\nmin_tokens\x18\x05 \x01(\r\"\xa5\x01\n\x0eResponseFormat\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.prism.v1.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x0e\n\x06strict\x18\x03 \x01(\x08\"A\n\x04Type\x12\r\n\tTYPE_TEXT\x10\x00\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x01\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x02\"\x9d\x02\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\r\x12\x31\n\x0fresponse_format\x18\x03 \x01(\x0b\x32\x18.prism.v1.ResponseFormat\x12\x13\n\x0btool_choice\x18\x04 \x01(\t\x12\x17\n\x0fparse_reasoning\x18\x05 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x0f\x65nable_thinking\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x17\n\x0fthinking_budget\x18\x08 \x01(\rB\x16\n\x14_skip_special_tokensB\x12\n\x10_enable_thinking\"?\n\x12SpeculativeOptions\x12\x18\n\x10num_draft_tokens\x18\x01 \x01(\r\x12\x0f\n\x07\x64isable\x18\x02 \x01(\x08\"\xe1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x01(\x0b\x32\x12.prism.v1.MessagesH\x00\x12\'\n\x06tokens\x18\x04 \x01(\x0b\x32\x15.prism.v1.TokenPromptH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.prism.v1.SamplingParams\x12&\n\x04stop\x18\x06 \x01(\x0b\x32\x18.prism.v1.StopConditions\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.prism.v1.OutputOptions\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x31\n\x0bspeculative\x18\t \x01(\x0b\x32\x1c.prism.v1.SpeculativeOptions\x12\x10\n\x08priority\x18\n \x01(\x05\x42\x08\n\x06prompt\"M\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\"{\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\x12*\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x14.prism.v1.TopLogprob\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xa1\x01\n\x05\x44\x65lta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12(\n\x08logprobs\x18\x04 \x03(\x0b\x32\x16.prism.v1.TokenLogprob\x12\x16\n\x0ereasoning_text\x18\x05 \x01(\t\x12&\n\ntool_calls\x18\x06 \x03(\x0b\x32\x12.prism.v1.ToolCall\"\\\n\x07Timings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x18\n\x10\x66\x65\x61ture_fetch_ns\x18\x02 \x01(\x04\x12\x12\n\nprefill_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\"\xa9\x01\n\x06\x46inish\x12\r\n\x05index\x18\x01 \x01(\r\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.prism.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x03 \x01(\t\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.prism.v1.Usage\x12\"\n\x07timings\x18\x05 \x01(\x0b\x32\x11.prism.v1.Timings\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"a\n\x10GenerateResponse\x12 \n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x0f.prism.v1.DeltaH\x00\x12\"\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x10.prism.v1.FinishH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13\x44\x65\x63oderStatsRequest\"\xc0\x01\n\x14\x44\x65\x63oderStatsResponse\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x1b\n\x13prompt_tokens_total\x18\x04 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04*\xb3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xdf\x01\n\x07\x44\x65\x63oder\x12\x43\n\x08Generate\x12\x19.prism.v1.GenerateRequest\x1a\x1a.prism.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.prism.v1.ListModelsRequest\x1a\x1c.prism.v1.ListModelsResponse\x12\x46\n\x05Stats\x12\x1d.prism.v1.DecoderStatsRequest\x1a\x1e.prism.v1.DecoderStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16prism/v1/decoder.proto\x12\x08prism.v1\x1a\x14prism/v1/cache.proto\x1a\x15prism/v1/common.proto\"Q\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x05media\x18\x02 \x01(\x0b\x32\x19.prism.v1.MediaFeatureRefH\x00\x42\x06\n\x04part\"\x9b\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12&\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x15.prism.v1.ContentPart\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x05 \x01(\t\x12\x19\n\x11reasoning_content\x18\x06 \x01(\t\"\x89\x01\n\x08Messages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.prism.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x12!\n\x19\x63hat_template_kwargs_json\x18\x04 \x01(\t\"J\n\x0bTokenPrompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12(\n\x05media\x18\x02 \x03(\x0b\x32\x19.prism.v1.MediaFeatureRef\"\xf9\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12;\n\nlogit_bias\x18\x08 \x03(\x0b\x32\'.prism.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\t\n\x01n\x18\n \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"r\n\x0eStopConditions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x05\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x12\n\nmin_tokens\x18\x05 \x01(\r\"\xa5\x01\n\x0eResponseFormat\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.prism.v1.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x0e\n\x06strict\x18\x03 \x01(\x08\"A\n\x04Type\x12\r\n\tTYPE_TEXT\x10\x00\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x01\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x02\"\x9d\x02\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\r\x12\x31\n\x0fresponse_format\x18\x03 \x01(\x0b\x32\x18.prism.v1.ResponseFormat\x12\x13\n\x0btool_choice\x18\x04 \x01(\t\x12\x17\n\x0fparse_reasoning\x18\x05 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x0f\x65nable_thinking\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x17\n\x0fthinking_budget\x18\x08 \x01(\rB\x16\n\x14_skip_special_tokensB\x12\n\x10_enable_thinking\"?\n\x12SpeculativeOptions\x12\x18\n\x10num_draft_tokens\x18\x01 \x01(\r\x12\x0f\n\x07\x64isable\x18\x02 \x01(\x08\"\xe1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x01(\x0b\x32\x12.prism.v1.MessagesH\x00\x12\'\n\x06tokens\x18\x04 \x01(\x0b\x32\x15.prism.v1.TokenPromptH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.prism.v1.SamplingParams\x12&\n\x04stop\x18\x06 \x01(\x0b\x32\x18.prism.v1.StopConditions\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.prism.v1.OutputOptions\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x31\n\x0bspeculative\x18\t \x01(\x0b\x32\x1c.prism.v1.SpeculativeOptions\x12\x10\n\x08priority\x18\n \x01(\x05\x42\x08\n\x06prompt\"M\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\"{\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\x12*\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x14.prism.v1.TopLogprob\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xa1\x01\n\x05\x44\x65lta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12(\n\x08logprobs\x18\x04 \x03(\x0b\x32\x16.prism.v1.TokenLogprob\x12\x16\n\x0ereasoning_text\x18\x05 \x01(\t\x12&\n\ntool_calls\x18\x06 \x03(\x0b\x32\x12.prism.v1.ToolCall\"\\\n\x07Timings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x18\n\x10\x66\x65\x61ture_fetch_ns\x18\x02 \x01(\x04\x12\x12\n\nprefill_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\"\xa9\x01\n\x06\x46inish\x12\r\n\x05index\x18\x01 \x01(\r\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.prism.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x03 \x01(\t\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.prism.v1.Usage\x12\"\n\x07timings\x18\x05 \x01(\x0b\x32\x11.prism.v1.Timings\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"a\n\x10GenerateResponse\x12 \n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x0f.prism.v1.DeltaH\x00\x12\"\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x10.prism.v1.FinishH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13\x44\x65\x63oderStatsRequest\"\xc0\x01\n\x14\x44\x65\x63oderStatsResponse\x12\x1c\n\x14num_requests_running\x18\x01 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x1b\n\x13prompt_tokens_total\x18\x04 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\"\x19\n\x17PrefixCacheStatsRequest\"\xf5\x01\n\x18PrefixCacheStatsResponse\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x0f\n\x07queries\x18\x03 \x01(\x04\x12\x14\n\x0cquery_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ematched_tokens\x18\x05 \x01(\x04\x12\x13\n\x0bmemory_hits\x18\x06 \x01(\x04\x12\x13\n\x0bremote_hits\x18\x07 \x01(\x04\x12\x0e\n\x06misses\x18\x08 \x01(\x04\x12#\n\x06memory\x18\t \x01(\x0b\x32\x13.prism.v1.TierStats\x12\x16\n\x0e\x62locks_written\x18\n \x01(\x04\"\x19\n\x17PrefixCacheResetRequest\"2\n\x18PrefixCacheResetResponse\x12\x16\n\x0eremoved_blocks\x18\x01 \x01(\x04*\xb3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\x95\x03\n\x07\x44\x65\x63oder\x12\x43\n\x08Generate\x12\x19.prism.v1.GenerateRequest\x1a\x1a.prism.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.prism.v1.ListModelsRequest\x1a\x1c.prism.v1.ListModelsResponse\x12\x46\n\x05Stats\x12\x1d.prism.v1.DecoderStatsRequest\x1a\x1e.prism.v1.DecoderStatsResponse\x12Y\n\x10PrefixCacheStats\x12!.prism.v1.PrefixCacheStatsRequest\x1a\".prism.v1.PrefixCacheStatsResponse\x12Y\n\x10PrefixCacheReset\x12!.prism.v1.PrefixCacheResetRequest\x1a\".prism.v1.PrefixCacheResetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,50 +35,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2898
-  _globals['_FINISHREASON']._serialized_end=3077
-  _globals['_CONTENTPART']._serialized_start=59
-  _globals['_CONTENTPART']._serialized_end=140
-  _globals['_CHATMESSAGE']._serialized_start=143
-  _globals['_CHATMESSAGE']._serialized_end=298
-  _globals['_MESSAGES']._serialized_start=301
-  _globals['_MESSAGES']._serialized_end=438
-  _globals['_TOKENPROMPT']._serialized_start=440
-  _globals['_TOKENPROMPT']._serialized_end=514
-  _globals['_SAMPLINGPARAMS']._serialized_start=517
-  _globals['_SAMPLINGPARAMS']._serialized_end=894
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=788
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=836
-  _globals['_STOPCONDITIONS']._serialized_start=896
-  _globals['_STOPCONDITIONS']._serialized_end=1010
-  _globals['_RESPONSEFORMAT']._serialized_start=1013
-  _globals['_RESPONSEFORMAT']._serialized_end=1178
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=1113
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=1178
-  _globals['_OUTPUTOPTIONS']._serialized_start=1181
-  _globals['_OUTPUTOPTIONS']._serialized_end=1466
-  _globals['_SPECULATIVEOPTIONS']._serialized_start=1468
-  _globals['_SPECULATIVEOPTIONS']._serialized_end=1531
-  _globals['_GENERATEREQUEST']._serialized_start=1534
-  _globals['_GENERATEREQUEST']._serialized_end=1887
-  _globals['_TOPLOGPROB']._serialized_start=1889
-  _globals['_TOPLOGPROB']._serialized_end=1966
-  _globals['_TOKENLOGPROB']._serialized_start=1968
-  _globals['_TOKENLOGPROB']._serialized_end=2091
-  _globals['_TOOLCALL']._serialized_start=2093
-  _globals['_TOOLCALL']._serialized_end=2148
-  _globals['_DELTA']._serialized_start=2151
-  _globals['_DELTA']._serialized_end=2312
-  _globals['_TIMINGS']._serialized_start=2314
-  _globals['_TIMINGS']._serialized_end=2406
-  _globals['_FINISH']._serialized_start=2409
-  _globals['_FINISH']._serialized_end=2578
-  _globals['_GENERATERESPONSE']._serialized_start=2580
-  _globals['_GENERATERESPONSE']._serialized_end=2677
-  _globals['_DECODERSTATSREQUEST']._serialized_start=2679
-  _globals['_DECODERSTATSREQUEST']._serialized_end=2700
-  _globals['_DECODERSTATSRESPONSE']._serialized_start=2703
-  _globals['_DECODERSTATSRESPONSE']._serialized_end=2895
-  _globals['_DECODER']._serialized_start=3080
-  _globals['_DECODER']._serialized_end=3303
+  _globals['_FINISHREASON']._serialized_start=3274
+  _globals['_FINISHREASON']._serialized_end=3453
+  _globals['_CONTENTPART']._serialized_start=81
+  _globals['_CONTENTPART']._serialized_end=162
+  _globals['_CHATMESSAGE']._serialized_start=165
+  _globals['_CHATMESSAGE']._serialized_end=320
+  _globals['_MESSAGES']._serialized_start=323
+  _globals['_MESSAGES']._serialized_end=460
+  _globals['_TOKENPROMPT']._serialized_start=462
+  _globals['_TOKENPROMPT']._serialized_end=536
+  _globals['_SAMPLINGPARAMS']._serialized_start=539
+  _globals['_SAMPLINGPARAMS']._serialized_end=916
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=810
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=858
+  _globals['_STOPCONDITIONS']._serialized_start=918
+  _globals['_STOPCONDITIONS']._serialized_end=1032
+  _globals['_RESPONSEFORMAT']._serialized_start=1035
+  _globals['_RESPONSEFORMAT']._serialized_end=1200
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=1135
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=1200
+  _globals['_OUTPUTOPTIONS']._serialized_start=1203
+  _globals['_OUTPUTOPTIONS']._serialized_end=1488
+  _globals['_SPECULATIVEOPTIONS']._serialized_start=1490
+  _globals['_SPECULATIVEOPTIONS']._serialized_end=1553
+  _globals['_GENERATEREQUEST']._serialized_start=1556
+  _globals['_GENERATEREQUEST']._serialized_end=1909
+  _globals['_TOPLOGPROB']._serialized_start=1911
+  _globals['_TOPLOGPROB']._serialized_end=1988
+  _globals['_TOKENLOGPROB']._serialized_start=1990
+  _globals['_TOKENLOGPROB']._serialized_end=2113
+  _globals['_TOOLCALL']._serialized_start=2115
+  _globals['_TOOLCALL']._serialized_end=2170
+  _globals['_DELTA']._serialized_start=2173
+  _globals['_DELTA']._serialized_end=2334
+  _globals['_TIMINGS']._serialized_start=2336
+  _globals['_TIMINGS']._serialized_end=2428
+  _globals['_FINISH']._serialized_start=2431
+  _globals['_FINISH']._serialized_end=2600
+  _globals['_GENERATERESPONSE']._serialized_start=2602
+  _globals['_GENERATERESPONSE']._serialized_end=2699
+  _globals['_DECODERSTATSREQUEST']._serialized_start=2701
+  _globals['_DECODERSTATSREQUEST']._serialized_end=2722
+  _globals['_DECODERSTATSRESPONSE']._serialized_start=2725
+  _globals['_DECODERSTATSRESPONSE']._serialized_end=2917
+  _globals['_PREFIXCACHESTATSREQUEST']._serialized_start=2919
+  _globals['_PREFIXCACHESTATSREQUEST']._serialized_end=2944
+  _globals['_PREFIXCACHESTATSRESPONSE']._serialized_start=2947
+  _globals['_PREFIXCACHESTATSRESPONSE']._serialized_end=3192
+  _globals['_PREFIXCACHERESETREQUEST']._serialized_start=3194
+  _globals['_PREFIXCACHERESETREQUEST']._serialized_end=3219
+  _globals['_PREFIXCACHERESETRESPONSE']._serialized_start=3221
+  _globals['_PREFIXCACHERESETRESPONSE']._serialized_end=3271
+  _globals['_DECODER']._serialized_start=3456
+  _globals['_DECODER']._serialized_end=3861
 # @@protoc_insertion_point(module_scope)

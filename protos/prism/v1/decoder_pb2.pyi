@@ -1,3 +1,4 @@
+from prism.v1 import cache_pb2 as _cache_pb2
 from prism.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -289,3 +290,41 @@ class DecoderStatsResponse(_message.Message):
     generation_tokens_total: int
     requests_total: int
     def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ...) -> None: ...
+
+class PrefixCacheStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrefixCacheStatsResponse(_message.Message):
+    __slots__ = ("enabled", "block_size", "queries", "query_tokens", "matched_tokens", "memory_hits", "remote_hits", "misses", "memory", "blocks_written")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_HITS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    block_size: int
+    queries: int
+    query_tokens: int
+    matched_tokens: int
+    memory_hits: int
+    remote_hits: int
+    misses: int
+    memory: _cache_pb2.TierStats
+    blocks_written: int
+    def __init__(self, enabled: _Optional[bool] = ..., block_size: _Optional[int] = ..., queries: _Optional[int] = ..., query_tokens: _Optional[int] = ..., matched_tokens: _Optional[int] = ..., memory_hits: _Optional[int] = ..., remote_hits: _Optional[int] = ..., misses: _Optional[int] = ..., memory: _Optional[_Union[_cache_pb2.TierStats, _Mapping]] = ..., blocks_written: _Optional[int] = ...) -> None: ...
+
+class PrefixCacheResetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrefixCacheResetResponse(_message.Message):
+    __slots__ = ("removed_blocks",)
+    REMOVED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    removed_blocks: int
+    def __init__(self, removed_blocks: _Optional[int] = ...) -> None: ...

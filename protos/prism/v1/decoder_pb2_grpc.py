@@ -50,6 +50,16 @@ class DecoderStub:
                 request_serializer=prism_dot_v1_dot_decoder__pb2.DecoderStatsRequest.SerializeToString,
                 response_deserializer=prism_dot_v1_dot_decoder__pb2.DecoderStatsResponse.FromString,
                 _registered_method=True)
+        self.PrefixCacheStats = channel.unary_unary(
+                '/prism.v1.Decoder/PrefixCacheStats',
+                request_serializer=prism_dot_v1_dot_decoder__pb2.PrefixCacheStatsRequest.SerializeToString,
+                response_deserializer=prism_dot_v1_dot_decoder__pb2.PrefixCacheStatsResponse.FromString,
+                _registered_method=True)
+        self.PrefixCacheReset = channel.unary_unary(
+                '/prism.v1.Decoder/PrefixCacheReset',
+                request_serializer=prism_dot_v1_dot_decoder__pb2.PrefixCacheResetRequest.SerializeToString,
+                response_deserializer=prism_dot_v1_dot_decoder__pb2.PrefixCacheResetResponse.FromString,
+                _registered_method=True)
 
 
 class DecoderServicer:
@@ -78,6 +88,21 @@ class DecoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefixCacheStats(self, request, context):
+        """Automatic prefix caching (APC): this decoder's block pool and lookups.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrefixCacheReset(self, request, context):
+        """Empties this decoder's block pool (blocks in use by running requests stay until they finish).
+        The cache service's "kv" namespace is reset through the cache service itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +120,16 @@ def add_DecoderServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=prism_dot_v1_dot_decoder__pb2.DecoderStatsRequest.FromString,
                     response_serializer=prism_dot_v1_dot_decoder__pb2.DecoderStatsResponse.SerializeToString,
+            ),
+            'PrefixCacheStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefixCacheStats,
+                    request_deserializer=prism_dot_v1_dot_decoder__pb2.PrefixCacheStatsRequest.FromString,
+                    response_serializer=prism_dot_v1_dot_decoder__pb2.PrefixCacheStatsResponse.SerializeToString,
+            ),
+            'PrefixCacheReset': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefixCacheReset,
+                    request_deserializer=prism_dot_v1_dot_decoder__pb2.PrefixCacheResetRequest.FromString,
+                    response_serializer=prism_dot_v1_dot_decoder__pb2.PrefixCacheResetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +213,60 @@ class Decoder:
             '/prism.v1.Decoder/Stats',
             prism_dot_v1_dot_decoder__pb2.DecoderStatsRequest.SerializeToString,
             prism_dot_v1_dot_decoder__pb2.DecoderStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefixCacheStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prism.v1.Decoder/PrefixCacheStats',
+            prism_dot_v1_dot_decoder__pb2.PrefixCacheStatsRequest.SerializeToString,
+            prism_dot_v1_dot_decoder__pb2.PrefixCacheStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefixCacheReset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prism.v1.Decoder/PrefixCacheReset',
+            prism_dot_v1_dot_decoder__pb2.PrefixCacheResetRequest.SerializeToString,
+            prism_dot_v1_dot_decoder__pb2.PrefixCacheResetResponse.FromString,
             options,
             channel_credentials,
             insecure,
