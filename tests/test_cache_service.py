@@ -119,8 +119,8 @@ def test_large_entry_round_trip_and_restart(tmp_path: Path, start_cache) -> None
         assert await client.contains(["k1", "nope"]) == [True, False]
         assert await client.contains(["k1"], namespace="kv") == [False]
         assert await client.get("nope") is None
-        stats = await client.stats()
-        assert (stats.puts, stats.misses, stats.memory.entries, stats.memory.hits) == (1, 1, 1, 1)
+        stats = await client.stats()  # Contains counts like Get: k1 hit twice, 3 misses
+        assert (stats.puts, stats.misses, stats.memory.entries, stats.memory.hits) == (1, 3, 1, 2)
         await _wait_on_disk(client, 1)
         await client.close()
 
@@ -131,7 +131,7 @@ def test_large_entry_round_trip_and_restart(tmp_path: Path, start_cache) -> None
         assert await client.contains(["k1"]) == [True]
         got = await client.get("k1")
         assert got is not None and same_bits(got["features"], big)
-        assert (await client.stats()).disk.hits == 1
+        assert (await client.stats()).disk.hits == 2  # the Contains and the Get
         assert await client.reset("kv") == 0
         assert await client.reset("features") == 1
         assert await client.contains(["k1"]) == [False]
@@ -142,6 +142,37 @@ def test_large_entry_round_trip_and_restart(tmp_path: Path, start_cache) -> None
     first.stop(signal.SIGKILL)  # no goodbye: only what reached the disk survives
     second = start_cache(disk)
     asyncio.run(second_life(second.address))
+
+
+def test_header_only_get_sends_no_data_and_counts_one_lookup(tmp_path, start_cache) -> None:
+    cache = start_cache(tmp_path / "disk")
+    features = mx.arange(6 * 4, dtype=mx.float32).reshape(6, 4)
+    meta = {"grid": "1,4,6", "num_tokens": "6"}
+
+    async def scenario() -> None:
+        client = CacheClient(cache.address, timeout=30)
+        assert await client.put("k1", {"features": features}, metadata=meta)
+        header = await client.head("k1")
+        assert header is not None and header.key == "k1" and dict(header.metadata) == meta
+        [spec] = header.tensors
+        assert (spec.name, spec.dtype, list(spec.shape)) == ("features", "float32", [6, 4])
+        assert await client.head("nope") is None
+        assert await client.head("k1", namespace="kv") is None
+        stats = await client.stats("features")  # one hit, one miss: each head is one lookup
+        assert (stats.memory.hits, stats.misses) == (1, 1)
+        await client.close()
+
+    asyncio.run(scenario())
+    with grpc.insecure_channel(cache.address) as channel:
+        stub = cache_pb2_grpc.CacheStub(channel)
+        chunks = list(stub.Get(cache_pb2.GetRequest(key="k1", header_only=True), timeout=10))
+        assert [c.WhichOneof("part") for c in chunks] == ["header"]  # no data chunks
+        assert chunks[0].header.tensors[0].name == "features"
+        full = list(stub.Get(cache_pb2.GetRequest(key="k1"), timeout=10))
+        assert [c.WhichOneof("part") for c in full] == ["header", "data"]
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Get(cache_pb2.GetRequest(key="nope", header_only=True), timeout=10))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_bad_put_is_invalid_argument_and_dead_cache_is_unavailable(tmp_path, start_cache) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -148,3 +149,32 @@ def test_grpc_example_client(
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected(reference, user(image_part(data_uri(images["a"]))))
     assert "completion tokens" in out.stderr
+
+
+def test_a_conversation_about_one_image_reuses_its_prefix_and_features(
+    stack: Stack, client: openai.OpenAI, reference: LoadedModel, images: dict[str, bytes]
+) -> None:
+    """Turn 2 repeats turn 1: its prompt prefix comes from the prefix cache (reported in
+    usage), the image from the feature cache; another tenant reuses nothing."""
+    first = user(image_part(data_uri(images["b"])), text="Describe this picture in detail.")
+    answer = expected(reference, first)
+    turn2 = [*first, {"role": "assistant", "content": answer},
+             {"role": "user", "content": "And what colour dominates it?"}]  # fmt: skip
+    replies = {}
+    for name, messages, tenant in (("t1", first, ""), ("t2", turn2, ""), ("other", turn2, "x")):
+        replies[name] = client.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+            extra_headers={"X-APC-Tenant": tenant} if tenant else None,
+        )  # fmt: skip
+    t1, t2, other = replies["t1"].usage, replies["t2"].usage, replies["other"].usage
+    assert replies["t1"].choices[0].message.content == answer
+    assert replies["t2"].choices[0].message.content == expected(reference, turn2)
+    assert replies["other"].choices[0].message.content == replies["t2"].choices[0].message.content
+    assert t1 and t2 and other and t2.prompt_tokens_details and other.prompt_tokens_details
+    cached = t2.prompt_tokens_details.cached_tokens
+    # Whole 16-token blocks of turn 1's prompt (its last token never counts as cached).
+    assert cached == (t1.prompt_tokens - 1) // 16 * 16 > 0
+    assert other.prompt_tokens_details.cached_tokens == 0
+    stats = httpx.get(f"{stack.base_url}/cache/stats", timeout=10).json()
+    assert stats["prefix_cache"]["matched_tokens"] >= cached
+    assert stats["cache_service"]["features"]["memory"]["hits"] >= 1  # turn 2's image

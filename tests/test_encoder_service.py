@@ -14,6 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prism.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
 
+from services.cache.client import CacheClient
+from services.cache.servicer import entry_header
+from services.cache.store import Entry, MemoryStore
+from services.cache.tiered import TieredStore
 from services.encoder.__main__ import load_vision_models
 from services.encoder.engine import EncoderEngine, MediaItemInput
 from services.encoder.keys import content_key, effective_params, model_fingerprint
@@ -47,6 +51,11 @@ class MemoryCache:
     async def contains(self, keys, *, namespace="features", request_id=""):
         return [k in self.entries for k in keys]
 
+    async def head(self, key, *, namespace="features", request_id=""):
+        if key not in self.entries:
+            return None
+        return entry_header(Entry.from_arrays(key, namespace, self.entries[key], self.meta[key]))
+
     async def reset(self, namespace=""):
         n = len(self.entries)
         self.entries.clear()
@@ -54,6 +63,23 @@ class MemoryCache:
 
     async def close(self):
         pass
+
+
+class StoreCache:
+    """CacheClient's interface over the cache service's own engine, in process."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+
+    async def put(self, key, tensors, *, namespace="features", metadata=None, request_id=""):
+        return self.store.put(Entry.from_arrays(key, namespace, tensors, metadata))
+
+    async def contains(self, keys, *, namespace="features", request_id=""):
+        return self.store.contains(namespace, list(keys))
+
+    async def head(self, key, *, namespace="features", request_id=""):
+        entry = self.store.get(namespace, key)  # what the servicer's header-only Get does
+        return None if entry is None else entry_header(entry)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +150,83 @@ def test_engine_hit_computes_nothing_and_concurrent_duplicates_share_work(vision
     asyncio.run(scenario())
 
 
+def test_reused_feature_is_a_hit_in_the_cache_stats(vision_model):
+    store = TieredStore(MemoryStore(64 << 20))
+    engine = EncoderEngine({"vl": vision_model}, StoreCache(store))
+
+    async def scenario() -> None:
+        item = MediaItemInput("image", png(3))
+        assert not (await engine.encode("vl", [item]))[0].cache_hit
+        assert (await engine.encode("vl", [item]))[0].cache_hit and engine.computed == 1
+
+    asyncio.run(scenario())
+    stats = store.stats("features")  # the first Contains missed, the second hit in memory
+    assert (stats.memory.hits, stats.misses, stats.puts, stats.memory.entries) == (1, 1, 1, 1)
+
+
+def test_fresh_engine_rebuilds_the_ref_from_the_shared_cache(vision_model):
+    """A second replica, or the encoder after a restart: the cache holds the features, the memo
+    is empty. The ref comes from the entry's header, the tower does not run."""
+    store = TieredStore(MemoryStore(64 << 20))
+    first = EncoderEngine({"vl": vision_model}, StoreCache(store))
+    item = MediaItemInput("image", png(4))
+    [computed] = asyncio.run(first.encode("vl", [item]))
+    assert not computed.cache_hit and first.computed == 1
+    before = store.stats("features")
+
+    second = EncoderEngine({"vl": vision_model}, StoreCache(store))
+    [reused] = asyncio.run(second.encode("vl", [item]))
+    assert reused.cache_hit and reused.encode_ns == 0 and second.computed == 0
+    assert reused.ref == computed.ref
+    after = store.stats("features")  # that one lookup: exactly one hit, no miss, no put
+    assert after.memory.hits - before.memory.hits == 1
+    assert (after.misses, after.puts) == (before.misses, before.puts)
+
+    async def both() -> list[list]:  # concurrent requests of a third replica: hits, no work
+        third = EncoderEngine({"vl": vision_model}, StoreCache(store))
+        out = await asyncio.gather(third.encode("vl", [item]), third.encode("vl", [item]))
+        assert third.computed == 0
+        return out
+
+    assert all(r[0].cache_hit and r[0].ref == computed.ref for r in asyncio.run(both()))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "no metadata",  # an entry written before the encoder stored (or read) its metadata
+        "num_tokens=x",
+        "num_tokens=1",  # does not fit the features' shape
+        "modality=video",
+        "grid=1,a,2",
+        "seconds_per_grid=",
+        "tensor renamed",
+    ],
+)
+def test_entry_without_usable_metadata_is_recomputed(vision_model, damage):
+    store = TieredStore(MemoryStore(64 << 20))
+    item = MediaItemInput("image", png(5))
+    first = EncoderEngine({"vl": vision_model}, StoreCache(store))
+    [good] = asyncio.run(first.encode("vl", [item]))
+    stored = store.get("features", good.ref.key)
+    assert stored is not None
+    meta, tensors = dict(stored.metadata), dict(stored.tensors)
+    if damage == "no metadata":
+        meta = {}
+    elif damage == "tensor renamed":
+        tensors = {"feats": tensors["features"]}
+    else:
+        name, value = damage.split("=")
+        meta[name] = value
+    store.put(Entry(stored.key, stored.namespace, tensors, meta))
+
+    second = EncoderEngine({"vl": vision_model}, StoreCache(store))
+    [again] = asyncio.run(second.encode("vl", [item]))
+    assert not again.cache_hit and second.computed == 1 and again.ref == good.ref
+    rewritten = store.get("features", good.ref.key)
+    assert rewritten is not None and rewritten.metadata == stored.metadata  # repaired
+
+
 def test_text_only_model_is_refused_at_start_up(checkpoint_factory):
     args = argparse.Namespace(
         model=[str(checkpoint_factory("qwen3", "hf"))], served_model_name=[], dtype=None
@@ -155,7 +258,7 @@ def encoder(vl_path, tmp_path_factory):
 
 
 def test_service_encodes_once_then_hits(encoder):
-    address, _ = encoder
+    address, cache_addr = encoder
 
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -179,6 +282,10 @@ def test_service_encodes_once_then_hits(encoder):
 
             [again] = (await stub.Encode(encoder_pb2.EncodeRequest(model="vl", items=[item]))).items
             assert again.cache_hit and again.encode_ns == 0 and again.ref == a.ref
+            cache = CacheClient(cache_addr)
+            stats = await cache.stats("features")  # one Contains missed, the next one hit
+            assert (stats.memory.hits, stats.misses, stats.puts) == (1, 1, 1)
+            await cache.close()
 
             for bad, code in [
                 (encoder_pb2.EncodeRequest(model="nope", items=[item]), grpc.StatusCode.NOT_FOUND),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 
 import httpx
@@ -128,12 +129,14 @@ def test_chat_with_image_goes_through_encoder(client, stack):
     assert out.choices[0].message.content == "Hello from d0"
     assert len(encoder.calls) == before + 1
     call = encoder.calls[-1]
-    assert len(call.items) == 2 and call.items[0].modality == 2 and call.tenant == "acme"
+    # Keys on: the tenant is the key's digest with the header as a sub-tenant.
+    salt = hashlib.sha256(KEY.encode()).hexdigest()[:32] + ":acme"
+    assert len(call.items) == 2 and call.items[0].modality == 2 and call.tenant == salt
     assert call.items[0].data.startswith(b"\x89PNG")
     req = stack.decoders[0].servicer.requests[-1]
     parts = req.messages.messages[0].content
     assert [p.WhichOneof("part") for p in parts] == ["media", "media", "text"]
-    assert parts[0].media.num_tokens == 4 and req.tenant == "acme"
+    assert parts[0].media.num_tokens == 4 and req.tenant == salt
 
 
 def test_responses_non_stream(client):

@@ -101,6 +101,29 @@ class CacheClient:
             raise PrismError(f"cache {self.address}: Get stream without a header")
         return _split(header, b"".join(parts))
 
+    async def head(
+        self, key: str, *, namespace: str = "features", request_id: str = ""
+    ) -> cache_pb2.EntryHeader | None:
+        """The header stored under `key` (tensor specs and metadata, no data), or None when the
+        cache does not hold it. Counts in the cache's stats as one lookup, like `get`."""
+        request = cache_pb2.GetRequest(key=key, namespace=namespace, header_only=True)
+        header = None
+        try:
+            call = self.stub.Get(request, timeout=self.timeout, metadata=_rid(request_id))
+            async for chunk in call:
+                if chunk.WhichOneof("part") == "header":
+                    header = chunk.header
+                else:  # a cache too old to know header_only streams the data too: not wanted
+                    call.cancel()
+                    break
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _translate(exc, self.address) from exc
+        if header is None:
+            raise PrismError(f"cache {self.address}: Get stream without a header")
+        return header
+
     async def contains(
         self, keys: list[str], *, namespace: str = "features", request_id: str = ""
     ) -> list[bool]:

@@ -1,10 +1,15 @@
 """The disk tier: one safetensors file per entry, an LRU index rebuilt from the directory at start.
 
 Files are plain safetensors (readable by `mx.load` / `safetensors`), with the entry's key,
-namespace, metadata and a CRC32 of the data in the header's `__metadata__`. The LRU order is
-the files' mtimes (touched on every hit), so it survives a restart. Disk trouble (full,
-read-only, corrupt files) is counted in `errors` and logged, never raised: the disk tier is an
-optimisation and the service must keep serving from memory without it.
+namespace, metadata and an xxh3-128 checksum in the header's `__metadata__`. The checksum covers
+the whole header (key, metadata, dtypes, shapes, offsets) and every data byte, so any flipped or
+lost byte is caught: the start-up scan checks each header and the file size (truncation), every
+read checks the checksum, and a bad file is counted, logged, deleted and reported as a miss so
+the caller recomputes it. Files of the earlier CRC32 format fail the same checks and go too.
+
+The LRU order is the files' mtimes (touched on every hit), so it survives a restart. Disk
+trouble (full, read-only, corrupt files) is counted in `errors` and logged, never raised: the
+disk tier is an optimisation and the service must keep serving from memory without it.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import os
 import struct
 import threading
 import uuid
-import zlib
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+import xxhash
 
 from services.cache.store import (
     DTYPE_SIZES,
@@ -43,6 +49,7 @@ _ST_DTYPES |= dict(int16="I16", int32="I32", int64="I64", float16="F16", bfloat1
 _ST_DTYPES |= dict(float32="F32", float64="F64", complex64="C64")
 _FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
 assert set(_ST_DTYPES) == set(DTYPE_SIZES)
+_CHECKSUM = "prism.xxh3_128"
 
 
 class CorruptFileError(ValueError):
@@ -55,10 +62,20 @@ class _Record:
     size: int  # bytes on disk, what the cap counts
 
 
+def checksum(header: dict, data: Iterable[bytes | memoryview]) -> str:
+    """xxh3-128 of the header without its checksum field (canonical JSON) and of the data."""
+    fields = dict(header, __metadata__=dict(header["__metadata__"]))
+    fields["__metadata__"].pop(_CHECKSUM, None)
+    digest = xxhash.xxh3_128(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+    for part in data:
+        digest.update(part)
+    return digest.hexdigest()
+
+
 def encode_header(entry: Entry) -> bytes:
     """The 8-byte length prefix and the JSON header (padded to 8 bytes so data is aligned)."""
-    header: dict[str, object] = {}
-    offset, crc = 0, 0
+    header: dict[str, dict] = {}
+    offset = 0
     for name, t in entry.tensors.items():
         end = offset + len(t.data)
         header[name] = {
@@ -66,13 +83,14 @@ def encode_header(entry: Entry) -> bytes:
             "shape": list(t.shape),
             "data_offsets": [offset, end],
         }
-        offset, crc = end, zlib.crc32(t.data, crc)
+        offset = end
     header["__metadata__"] = {
         "prism.key": entry.key,
         "prism.namespace": entry.namespace,
         "prism.metadata": json.dumps(entry.metadata, sort_keys=True),
-        "prism.crc32": str(crc),
     }
+    data = [t.data for t in entry.tensors.values()]
+    header["__metadata__"][_CHECKSUM] = checksum(header, data)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
@@ -90,7 +108,8 @@ def read_header(data: bytes, file_size: int) -> tuple[dict, int]:
         meta = header.pop("__metadata__")
         if not all(isinstance(meta[k], str) for k in ("prism.key", "prism.namespace")):
             raise TypeError("key and namespace must be strings")
-        int(meta["prism.crc32"])
+        if not isinstance(meta[_CHECKSUM], str):  # earlier formats have no such field
+            raise TypeError("checksum must be a string")
         pos = 0
         spans = sorted((tuple(v["data_offsets"]), k) for k, v in header.items())
         for (start, end), name in spans:  # contiguous and sized as declared
@@ -110,9 +129,9 @@ def read_header(data: bytes, file_size: int) -> tuple[dict, int]:
 
 def decode_entry(data: bytes) -> Entry:
     header, start = read_header(data, len(data))
-    meta = header.pop("__metadata__")
-    if zlib.crc32(memoryview(data)[start:]) != int(meta["prism.crc32"]):
+    if checksum(header, [memoryview(data)[start:]]) != header["__metadata__"][_CHECKSUM]:
         raise CorruptFileError("checksum mismatch")
+    meta = header.pop("__metadata__")
     tensors = {}
     for name, t in header.items():  # our own files list tensors in wire order
         a, b = t["data_offsets"]
@@ -249,19 +268,41 @@ class DiskStore:
             return None
         try:
             entry = decode_entry(record.path.read_bytes())
+            if entry.id != (namespace, key):  # a file copied or renamed in by hand
+                raise CorruptFileError(f"file holds {entry.id}")
         except FileNotFoundError:  # evicted or reset between the lookup and the read
             return None
         except (OSError, CorruptFileError, ValueError, KeyError) as exc:
             self._error("disk_corrupt_file", record.path, exc)
-            self.delete(namespace, key)
+            self._drop(namespace, key, record)
             return None
+        self._touch(namespace, key, record)
+        return entry
+
+    def use(self, namespace: str, key: str) -> bool:
+        """`contains` that counts as a hit and refreshes the entry's LRU position (a caller that
+        decides by presence alone, like the encoder, is using the entry all the same)."""
+        with self._lock:
+            record = self._index.get((namespace, key))
+        if record is not None:
+            self._touch(namespace, key, record)
+        return record is not None
+
+    def _touch(self, namespace: str, key: str, record: _Record) -> None:
         with contextlib.suppress(OSError):
             os.utime(record.path)  # the access time that orders eviction after a restart
         with self._lock:
-            if (namespace, key) in self._index:
+            if self._index.get((namespace, key)) is record:
                 self._index.move_to_end((namespace, key))
             self._hits[namespace] += 1
-        return entry
+
+    def _drop(self, namespace: str, key: str, record: _Record) -> None:
+        """Delete a bad file, unless a newer put of the key replaced it meanwhile."""
+        with self._lock:
+            if self._index.get((namespace, key)) is not record:
+                return
+            self._pop_locked((namespace, key))
+        self._unlink(record.path)
 
     def contains(self, namespace: str, key: str) -> bool:
         with self._lock:

@@ -2,6 +2,13 @@
 
 Store calls that may block (disk reads, oversize puts, locks a disk writer holds) run in
 worker threads so one slow disk never stalls the event loop that serves every other call.
+
+Stats semantics: Get (with or without header_only) and Contains are all lookups. A key found
+counts one hit of the tier that holds it (TierStats.hits) and refreshes its LRU position; a key
+absent counts one miss. The encoder never Gets its own features: it decides "already encoded" by
+one lookup per key (Contains when it remembers the entry's ref, a header-only Get when it must
+rebuild the ref from the entry's metadata), and that lookup is the hit a reused feature shows.
+A caller that Contains a key and then Gets it counts two hits.
 """
 
 from __future__ import annotations
@@ -50,6 +57,17 @@ def _check_header(header: cache_pb2.EntryHeader) -> list[tuple[str, str, tuple[i
         seen.add(t.name)
         specs.append((t.name, t.dtype, tuple(int(s) for s in t.shape)))
     return specs
+
+
+def entry_header(entry: Entry) -> cache_pb2.EntryHeader:
+    """What Get sends ahead of the data: tensor specs in wire order and the metadata."""
+    specs = [
+        common_pb2.TensorSpec(name=name, dtype=t.dtype, shape=t.shape)
+        for name, t in entry.tensors.items()
+    ]
+    return cache_pb2.EntryHeader(
+        key=entry.key, namespace=entry.namespace, tensors=specs, metadata=entry.metadata
+    )
 
 
 def _tier(stats: TierStats) -> cache_pb2.TierStats:
@@ -115,19 +133,17 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     async def Get(  # noqa: N802
         self, request: cache_pb2.GetRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[cache_pb2.GetChunk]:
+        """The entry, or with `header_only` just its header. Either is one lookup in Stats."""
         namespace = request.namespace or DEFAULT_NAMESPACE
+        # header_only reads a disk entry whole all the same: the checksum covers the data, so a
+        # corrupt file is dropped here rather than announced as present, and the promotion to
+        # memory serves the full Get that usually follows (the decoder fetching the features).
         entry = await asyncio.to_thread(self.store.get, namespace, request.key)
         if entry is None:
             raise EntryNotFoundError(f"no entry {request.key!r} in namespace {namespace!r}")
-        specs = [
-            common_pb2.TensorSpec(name=name, dtype=t.dtype, shape=t.shape)
-            for name, t in entry.tensors.items()
-        ]
-        yield cache_pb2.GetChunk(
-            header=cache_pb2.EntryHeader(
-                key=entry.key, namespace=namespace, tensors=specs, metadata=entry.metadata
-            )
-        )
+        yield cache_pb2.GetChunk(header=entry_header(entry))
+        if request.header_only:
+            return
         for t in entry.tensors.values():
             view = memoryview(t.data)
             for start in range(0, len(view), CHUNK_BYTES):
@@ -136,6 +152,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     async def Contains(  # noqa: N802
         self, request: cache_pb2.ContainsRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.ContainsResponse:
+        """Presence per key; counted in Stats like a Get (hit or miss, LRU refreshed)."""
         namespace = request.namespace or DEFAULT_NAMESPACE
         present = await asyncio.to_thread(self.store.contains, namespace, list(request.keys))
         return cache_pb2.ContainsResponse(present=present)

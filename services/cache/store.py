@@ -2,14 +2,16 @@
 
 Entries keep tensors as raw little-endian bytes plus (dtype, shape) rather than `mx.array`s:
 they arrive as bytes, leave as bytes and go to disk as bytes, so the cache never converts.
-Reference counts / pinning (issue #5) can hook into `MemoryStore._evict_locked`, the one place
-that decides what leaves.
+`MemoryStore._evict_locked` is the one place that decides what leaves: the least recently used
+entries, first of a namespace over its own cap (so prefix KV blocks cannot push every vision
+feature out), then of any namespace while the total is over the global cap.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -115,15 +117,24 @@ class CacheStats:
 
 
 class MemoryStore:
-    """Thread-safe LRU keyed by (namespace, key); `capacity` caps the tensor bytes held."""
+    """Thread-safe LRU keyed by (namespace, key); `capacity` caps the tensor bytes held, and
+    `namespace_caps` optionally caps single namespaces below that (0 or absent: no own cap)."""
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(
+        self, capacity_bytes: int, namespace_caps: Mapping[str, int] | None = None
+    ) -> None:
         self.capacity = capacity_bytes
+        self.namespace_caps = {ns: cap for ns, cap in (namespace_caps or {}).items() if cap > 0}
         self._entries: OrderedDict[EntryId, Entry] = OrderedDict()
         self._bytes = 0
+        self._ns_bytes: Counter[str] = Counter()
         self._hits: Counter[str] = Counter()
         self._evictions: Counter[str] = Counter()
         self._lock = threading.Lock()
+
+    def capacity_for(self, namespace: str) -> int:
+        """The most bytes `namespace` may hold (the global cap when it has no own cap)."""
+        return min(self.capacity, self.namespace_caps.get(namespace, self.capacity))
 
     def get(self, namespace: str, key: str) -> Entry | None:
         with self._lock:
@@ -138,28 +149,48 @@ class MemoryStore:
         with self._lock:
             return (namespace, key) in self._entries
 
+    def count_hit(self, namespace: str) -> None:
+        """A hit served from memory outside the LRU (an entry still queued for its disk write)."""
+        with self._lock:
+            self._hits[namespace] += 1
+
     def put(self, entry: Entry) -> bool:
         """Insert or replace; evicts least recently used entries. False if it can never fit."""
         size = entry.nbytes
-        if size > self.capacity:
+        if size > self.capacity_for(entry.namespace):
             return False
         with self._lock:
             self._remove_locked(entry.id)
-            self._evict_locked(self.capacity - size)
+            self._evict_locked(entry.namespace, size)
             self._entries[entry.id] = entry
             self._bytes += size
+            self._ns_bytes[entry.namespace] += size
         return True
 
-    def _evict_locked(self, target_bytes: int) -> None:
-        while self._bytes > target_bytes and self._entries:
-            (namespace, _), old = self._entries.popitem(last=False)
-            self._bytes -= old.nbytes
-            self._evictions[namespace] += 1
+    def _evict_locked(self, namespace: str, incoming: int) -> None:
+        """Make room for `incoming` bytes of `namespace`, least recently used first."""
+        excess = self._ns_bytes[namespace] + incoming - self.capacity_for(namespace)
+        if excess > 0 and namespace in self.namespace_caps:
+            victims = []
+            for entry_id, entry in self._entries.items():  # oldest first; others stay
+                if excess <= 0:
+                    break
+                if entry_id[0] == namespace:
+                    victims.append(entry_id)
+                    excess -= entry.nbytes
+            for entry_id in victims:
+                self._remove_locked(entry_id)
+                self._evictions[namespace] += 1
+        while self._bytes + incoming > self.capacity and self._entries:
+            entry_id = next(iter(self._entries))
+            self._remove_locked(entry_id)
+            self._evictions[entry_id[0]] += 1
 
     def _remove_locked(self, entry_id: EntryId) -> bool:
         old = self._entries.pop(entry_id, None)
         if old is not None:
             self._bytes -= old.nbytes
+            self._ns_bytes[entry_id[0]] -= old.nbytes
         return old is not None
 
     def delete(self, namespace: str, key: str) -> bool:
@@ -180,7 +211,7 @@ class MemoryStore:
             return TierStats(
                 entries=len(chosen),
                 bytes=sum(e.nbytes for e in chosen),
-                capacity=self.capacity,
+                capacity=self.capacity_for(namespace) if namespace else self.capacity,
                 hits=count_for(self._hits, namespace),
                 evictions=count_for(self._evictions, namespace),
             )

@@ -90,7 +90,9 @@ class TieredStore:
             return entry
         with self._lock:
             entry = self._pending.get((namespace, key))
-        if entry is None and self.disk is not None:
+        if entry is not None:
+            self.memory.count_hit(namespace)  # still in this process's memory, awaiting disk
+        elif self.disk is not None:
             entry = self.disk.get(namespace, key)
         if entry is None:
             with self._lock:
@@ -100,15 +102,23 @@ class TieredStore:
         return entry
 
     def contains(self, namespace: str, keys: list[str]) -> list[bool]:
+        """Presence of each key. A lookup like `get` minus the transfer: present counts a hit of
+        the tier holding it and refreshes its LRU position, absent counts a miss."""
         return [self._contains(namespace, k) for k in keys]
 
     def _contains(self, namespace: str, key: str) -> bool:
-        if self.memory.contains(namespace, key):
+        if self.memory.get(namespace, key) is not None:
             return True
         with self._lock:
-            if (namespace, key) in self._pending:
-                return True
-        return self.disk is not None and self.disk.contains(namespace, key)
+            pending = (namespace, key) in self._pending
+        if pending:
+            self.memory.count_hit(namespace)
+            return True
+        if self.disk is not None and self.disk.use(namespace, key):
+            return True
+        with self._lock:
+            self._misses[namespace] += 1
+        return False
 
     def reset(self, namespace: str = "") -> int:
         """Remove every entry of `namespace` (all when empty) from both tiers; returns how many

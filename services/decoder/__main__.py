@@ -11,7 +11,8 @@ import structlog
 from services.cache.client import CacheClient
 from services.common.flags import add_server_flags, env, run_service
 from services.common.models import served_ids
-from services.decoder.config import add_engine_flags, config_from_args
+from services.decoder.apc.remote import RemoteTier
+from services.decoder.config import add_engine_flags, add_prefix_flags, config_from_args
 from services.decoder.engine import DecoderEngine
 from services.decoder.reasoning import add_flags as add_reasoning_flags
 from services.decoder.reasoning import defaults_from_args
@@ -44,11 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests queued beyond this are refused with RESOURCE_EXHAUSTED",
     )
     add_engine_flags(p)
+    add_prefix_flags(p)
     add_reasoning_flags(p)
     add_server_flags(p, default_port=50052)
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or PRISM_MODEL) is required")
+    if args.apc_block_size < 1 or args.apc_num_blocks < 0:
+        p.error("--apc-block-size must be >= 1 and --apc-num-blocks >= 0")
     return args
 
 
@@ -61,7 +65,8 @@ async def serve(args: argparse.Namespace) -> None:
     engine = DecoderEngine(model, model_id, config_from_args(args))
     engine.start()
     cache = CacheClient(args.cache)
-    server = PrismServer(add_to_server(engine, cache, defaults), grace=args.grace)
+    remote = RemoteTier(engine.prefix, cache) if engine.prefix.enabled and args.apc_remote else None
+    server = PrismServer(add_to_server(engine, cache, defaults, remote), grace=args.grace)
     try:
         await server.start(f"{args.host}:{args.port}")
         cfg = engine.config
@@ -73,6 +78,12 @@ async def serve(args: argparse.Namespace) -> None:
         await server.wait()
     finally:
         await asyncio.to_thread(engine.shutdown)
+        if remote is not None:  # the last prompts' blocks still reach the cache service
+            try:
+                await asyncio.wait_for(remote.drain(), args.grace)
+            except asyncio.TimeoutError:
+                log.warning("apc_writes_dropped_at_shutdown")
+            await remote.close()
         await cache.close()
 
 

@@ -6,7 +6,11 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from services.common.flags import env
+from services.decoder.apc.hashing import HASHES
+from services.decoder.apc.prefix import PrefixConfig
 from shared.loading.config import text_config
 from shared.runtime.loaded import LoadedModel
 
@@ -20,6 +24,7 @@ class EngineConfig:
     kv_cache_tokens: int = 0  # KV budget in tokens; 0: from kv_cache_memory_mb, else unlimited
     kv_cache_memory_mb: int = 0  # KV budget in MiB (converted with the model's bytes/token)
     top_logprobs_k: int = 0  # most alternatives a request may ask for (0: only the token's own)
+    prefix: PrefixConfig = PrefixConfig()  # automatic prefix caching
     # Derived by `resolve`:
     vocab_size: int = 0
     kv_tokens: int = 0
@@ -46,14 +51,18 @@ class EngineConfig:
         )
 
 
+def kv_dtype(model: LoadedModel) -> mx.Dtype:
+    """The activations' dtype, which the KV cache holds (the final norm is never quantized)."""
+    norm = getattr(getattr(model.language, "model", None), "norm", None)
+    return norm.weight.dtype if norm is not None else mx.bfloat16
+
+
 def kv_bytes_per_token(model: LoadedModel) -> int:
     """Keys + values of every layer for one token, in the activations' dtype."""
     lm = model.language
     assert lm is not None
-    norm = getattr(getattr(lm, "model", None), "norm", None)  # never quantized
-    itemsize = norm.weight.dtype.size if norm is not None else 2
     n_kv, head_dim = getattr(lm, "n_kv_heads", 1), getattr(lm, "head_dim", 128)
-    return len(lm.layers) * 2 * n_kv * head_dim * itemsize
+    return len(lm.layers) * 2 * n_kv * head_dim * kv_dtype(model).size
 
 
 _FLAGS = (  # (flag, default, help); each also reads PRISM_<FLAG IN CAPITALS>
@@ -72,6 +81,35 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=int, default=value, help=f"{text} [{name}]")
 
 
+def add_prefix_flags(parser: argparse.ArgumentParser) -> None:
+    """Automatic prefix caching; the environment names are mlx-vlm's."""
+    on = (env("APC_ENABLED", "1") or "1").lower() not in ("0", "false", "no", "off")
+    parser.add_argument(
+        "--apc", action=argparse.BooleanOptionalAction, default=on,
+        help="reuse the KV of cached prompt prefixes [APC_ENABLED]",
+    )  # fmt: skip
+    for flag, name, default, text in (
+        ("--apc-block-size", "APC_BLOCK_SIZE", 16, "tokens per prefix block"),
+        ("--apc-num-blocks", "APC_NUM_BLOCKS", 2048, "blocks the decoder's memory tier holds"),
+    ):
+        value = int(env(name, str(default)) or default)
+        parser.add_argument(flag, type=int, default=value, help=f"{text} [{name}]")
+    parser.add_argument(
+        "--apc-hash", choices=HASHES, default=env("APC_HASH", "xxhash"),
+        help="block hash: fast non-cryptographic xxhash, or sha256 [APC_HASH]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--apc-remote", action=argparse.BooleanOptionalAction,
+        default=(env("APC_REMOTE", "1") or "1").lower() not in ("0", "false", "no", "off"),
+        help="keep blocks in the cache service too (shared by replicas, survives restarts) "
+        "[APC_REMOTE]",
+    )  # fmt: skip
+
+
+def prefix_config_from_args(args: argparse.Namespace) -> PrefixConfig:
+    return PrefixConfig(args.apc, args.apc_block_size, args.apc_num_blocks, args.apc_hash)
+
+
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         max_model_len=args.max_model_len,
@@ -81,4 +119,5 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory_mb=args.kv_cache_memory_mb,
         top_logprobs_k=args.top_logprobs_k,
+        prefix=prefix_config_from_args(args),
     )

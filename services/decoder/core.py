@@ -17,8 +17,9 @@ import mlx.core as mx
 import numpy as np
 import structlog
 
+from services.decoder.apc.prefix import PrefixCache
 from services.decoder.batch_sampler import BatchSampler
-from services.decoder.config import EngineConfig
+from services.decoder.config import EngineConfig, kv_dtype
 from services.decoder.constraints import combined_mask
 from services.decoder.outbox import Outbox
 from services.decoder.runner import BatchRunner
@@ -32,9 +33,12 @@ log = structlog.get_logger("decoder")
 class EngineCore:
     def __init__(self, model: LoadedModel, cfg: EngineConfig) -> None:
         self.vocab_size = cfg.vocab_size
-        self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.kv_tokens)
+        self.prefix = PrefixCache(cfg.prefix, model, kv_dtype(model))
+        self.scheduler = Scheduler(
+            cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.kv_tokens, self.prefix.match
+        )
         sampler = BatchSampler(cfg.max_num_seqs, cfg.vocab_size, cfg.top_logprobs_k)
-        self.runner = BatchRunner(model, cfg.max_num_seqs, sampler)
+        self.runner = BatchRunner(model, cfg.max_num_seqs, sampler, self.prefix)
         self.outbox = Outbox()  # the step's events, handed to the event loop in one call
         self.pending: Pending = []  # sampled, not yet read back
         self.lock = threading.Lock()
@@ -70,6 +74,7 @@ class EngineCore:
         if queued:
             mx.async_eval(queued)
         self._postprocess(pending)
+        self.prefix.flush()  # before Finish reaches anyone: a finished prompt's blocks are sent
         self.outbox.flush()
 
     def _prefill(self, seq: Sequence, n: int) -> list[mx.array]:
@@ -85,10 +90,11 @@ class EngineCore:
         mask = self._mask(seq) if seq.constrained else None
         if seq.done:  # its constraint failed
             return []
+        blocks = self.prefix.store(seq, seq.cache or [])
         sampled = self.runner.first_token(seq, logits, mask)
         self.scheduler.prefill_done(seq)
         self.pending.append(([(seq, 0)], sampled))
-        return sampled.arrays()
+        return sampled.arrays() + blocks
 
     def _admit(self, seq: Sequence) -> None:
         seq.admitted_ns = time.perf_counter_ns()
@@ -134,6 +140,7 @@ class EngineCore:
         if seq.done:
             return
         error = error or seq.error
+        self.prefix.release(seq)
         if seq.slot >= 0:
             self.runner.release(seq.slot)
         elif not seq.admitted_ns:

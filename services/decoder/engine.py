@@ -69,6 +69,7 @@ class DecoderEngine:
         self.max_waiting = cfg.max_waiting
         self.core = EngineCore(model, cfg)
         self.scheduler, self.runner = self.core.scheduler, self.core.runner
+        self.prefix = self.core.prefix
         self._worker = worker or mlx_thread.worker()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._cancels: deque[Sequence] = deque()  # appended from any thread

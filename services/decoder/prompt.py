@@ -16,6 +16,8 @@ import numpy as np
 from prism.v1 import common_pb2, decoder_pb2
 
 from services.common.models import modality_name
+from services.decoder.apc.hashing import media_spans
+from services.decoder.apc.prefix import PrefixCache
 from shared.errors import InvalidRequestError
 from shared.media.types import MediaInput, ProcessedPrompt
 from shared.runtime.loaded import LoadedModel
@@ -171,6 +173,24 @@ def _check_placeholders(
         raise InvalidRequestError(
             f"the token prompt has {slots} media placeholder tokens; its media need {expected}"
         )
+
+
+def prefix_keys(
+    prefix: PrefixCache,
+    model: LoadedModel,
+    request: decoder_pb2.GenerateRequest,
+    prompt: ProcessedPrompt,
+) -> list[str]:
+    """The prompt's APC block keys: its tokens, its media's content keys, the tenant salt."""
+    if not prefix.enabled:
+        return []
+    pads = [getattr(model.processor, a, None) for a in ("image_token_id", "video_token_id")]
+    items = [(r.content_key, r.num_tokens) for r in media_refs(request)]
+    try:
+        spans = media_spans(prompt.input_ids, [p for p in pads if p is not None], items)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    return prefix.keys(prompt.input_ids, spans, request.tenant)
 
 
 def _json(text: str, name: str, kind: type) -> Any:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from services.decoder.apc.prefix import PrefixCache
 from services.decoder.batch_sampler import BatchSampler, Sampled
 from services.decoder.sequence import Sequence
 from shared.models.batch_cache import make_batch_caches
@@ -33,9 +34,12 @@ class DecodeStep:
 
 
 class BatchRunner:
-    def __init__(self, model: LoadedModel, max_slots: int, sampler: BatchSampler) -> None:
+    def __init__(
+        self, model: LoadedModel, max_slots: int, sampler: BatchSampler, prefix: PrefixCache
+    ) -> None:
         assert model.language is not None
         self.model, self.lm, self.sampler = model, model.language, sampler
+        self.prefix = prefix
         self.max_slots = max_slots
         self.layout, self.caches = make_batch_caches(len(self.lm.layers))
         self.occupied = np.zeros(max_slots, bool)
@@ -57,6 +61,7 @@ class BatchRunner:
         req = seq.request
         seq.inputs = prepare_inputs(self.model, req.prompt, req.features)
         seq.cache = self.lm.make_cache()
+        self.prefix.load(seq, seq.cache)  # the cached leading blocks, if admission matched any
         slot = seq.slot
         # min_tokens holds back every way of ending: EOS and the request's stop token ids.
         options = dataclasses.replace(req.logits, banned_until_min=seq.ends)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -47,13 +48,22 @@ class KVBudget:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, kv_tokens: int) -> None:
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        kv_tokens: int,
+        on_admit: Callable[[Schedulable], None] | None = None,
+    ) -> None:
+        """on_admit: called as a request is admitted; it may advance `prefilled` (prefix
+        caching), so the first chunk starts after what is already cached."""
         if max_num_batched_tokens < max_num_seqs:
             # Otherwise a full batch of decoding rows would leave no token for any prefill.
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv = KVBudget(kv_tokens)
+        self.on_admit = on_admit
         self.waiting: deque[Schedulable] = deque()
         self.prefilling: deque[Schedulable] = deque()
         self.running: dict[int, Schedulable] = {}  # slot -> sequence
@@ -83,7 +93,7 @@ class Scheduler:
         while budget > 0 and self.waiting and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
             self.prefilling.append(seq)
-            take = min(seq.prompt_len, budget)
+            take = min(seq.prompt_len - seq.prefilled, budget)
             chunks.append((seq, take))
             budget -= take
         return chunks
@@ -93,6 +103,8 @@ class Scheduler:
             return False
         seq.slot = heapq.heappop(self._free_slots)
         self.kv.allocate(seq.slot, seq.reserved)
+        if self.on_admit is not None:
+            self.on_admit(seq)
         return True
 
     def prefill_done(self, seq: Schedulable) -> None:

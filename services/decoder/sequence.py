@@ -47,6 +47,9 @@ class Sequence:
         self.max_tokens = max_tokens
         self.reserved = self.prompt_len + max_tokens  # KV the scheduler sets aside
         self.prefilled = 0  # prompt tokens already in the KV
+        self.prefix_keys = request.prefix_keys  # APC: the prompt's block keys
+        self.prefix_blocks: list = []  # APC: matched blocks, referenced until the prefill ends
+        self.cached_tokens = 0  # prompt tokens taken from those blocks
         self.slot = -1
         self.ends = ends  # EOS (unless ignore_eos) and stop token ids
         self.detok = StreamingDetokenizer(tokenizer)
@@ -107,13 +110,16 @@ class Sequence:
             decode_ns=last - self.first_ns if self.first_ns else 0,
         )
         stop = self.stop_sequence if reason == "stop" else ""
-        return Finish(reason, self.prompt_len, self.generated, stop, timings, error)
+        return Finish(
+            reason, self.prompt_len, self.generated, stop, timings, error, self.cached_tokens
+        )
 
     def log_finish(self, finish: Finish) -> None:
         t = finish.timings
         log.info(
             "generated", request_id=self.request.request_id, reason=finish.reason,
-            prompt_tokens=self.prompt_len, completion_tokens=self.generated,
+            prompt_tokens=self.prompt_len, cached_tokens=self.cached_tokens,
+            completion_tokens=self.generated,
             queue_ms=t.queue_ns // 1_000_000, prefill_ms=t.prefill_ns // 1_000_000,
             decode_ms=t.decode_ns // 1_000_000,
         )  # fmt: skip

@@ -14,9 +14,11 @@ from typing import Any, Protocol
 import grpc
 import mlx.core as mx
 import structlog
-from prism.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+from prism.v1 import cache_pb2, common_pb2, decoder_pb2, decoder_pb2_grpc
 
 from services.common.models import model_info
+from services.decoder.apc.prefix import PrefixCache
+from services.decoder.apc.remote import RemoteTier
 from services.decoder.engine import (
     DecoderEngine,
     Delta,
@@ -25,7 +27,7 @@ from services.decoder.engine import (
     LogitsOptions,
     TokenLogprob,
 )
-from services.decoder.prompt import build_prompt, check_modalities, media_refs
+from services.decoder.prompt import build_prompt, check_modalities, media_refs, prefix_keys
 from services.decoder.structured import (
     OutputDefaults,
     OutputPlan,
@@ -115,7 +117,9 @@ def to_proto(
             reason=FINISH_REASONS[event.reason],
             stop_sequence=event.stop_sequence,
             usage=common_pb2.Usage(
-                prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                cached_prompt_tokens=event.cached_tokens,
             ),
             timings=decoder_pb2.Timings(
                 queue_ns=t.queue_ns,
@@ -155,11 +159,27 @@ def prepare(
     return prompt, features, plan
 
 
+def prepare_with_keys(
+    engine: DecoderEngine,
+    request: decoder_pb2.GenerateRequest,
+    fetched: dict[str, mx.array],
+    defaults: OutputDefaults,
+) -> tuple[Any, list[mx.array], OutputPlan, list[str]]:
+    """`prepare`, plus the prompt's APC block keys (hashing is CPU work too)."""
+    prompt, features, plan = prepare(engine.model, request, fetched, defaults)
+    return prompt, features, plan, prefix_keys(engine.prefix, engine.model, request, prompt)
+
+
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     def __init__(
-        self, engine: DecoderEngine, cache: FeatureSource, defaults: OutputDefaults | None = None
+        self,
+        engine: DecoderEngine,
+        cache: FeatureSource,
+        defaults: OutputDefaults | None = None,
+        remote: RemoteTier | None = None,
     ) -> None:
-        self.engine, self.cache = engine, cache
+        """remote: the cache service as the prefix cache's second tier (None: memory only)."""
+        self.engine, self.cache, self.remote = engine, cache, remote
         self.defaults = defaults or OutputDefaults()
         self.tokens = TokenText(engine.model.tokenizer)  # logprobs' token text and bytes
 
@@ -180,9 +200,11 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         fetched = await self._fetch([r.content_key for r in refs], rid, context.time_remaining())
         fetch_ns = time.perf_counter_ns() - start
         # Tokenising and compiling grammars are CPU work without MLX: off the event loop.
-        prompt, features, plan = await asyncio.to_thread(
-            prepare, engine.model, request, fetched, self.defaults
+        prompt, features, plan, keys = await asyncio.to_thread(
+            prepare_with_keys, engine, request, fetched, self.defaults
         )
+        if keys and self.remote is not None:
+            await self.remote.preload(keys, len(prompt.input_ids), rid)
         handle = engine.submit(
             EngineRequest(
                 rid,
@@ -190,6 +212,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                 features,
                 feature_fetch_ns=fetch_ns,
                 constraints=plan.constraints,
+                prefix_keys=keys,
                 **options,
             )
         )
@@ -239,12 +262,50 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             requests_total=s.requests_total,
         )
 
+    async def PrefixCacheStats(  # noqa: N802
+        self, request: decoder_pb2.PrefixCacheStatsRequest, context: grpc.aio.ServicerContext
+    ) -> decoder_pb2.PrefixCacheStatsResponse:
+        return prefix_stats_proto(self.engine.prefix)
+
+    async def PrefixCacheReset(  # noqa: N802
+        self, request: decoder_pb2.PrefixCacheResetRequest, context: grpc.aio.ServicerContext
+    ) -> decoder_pb2.PrefixCacheResetResponse:
+        removed = self.engine.prefix.reset()
+        log.info("apc_reset", removed_blocks=removed)
+        return decoder_pb2.PrefixCacheResetResponse(removed_blocks=removed)
+
+
+def prefix_stats_proto(prefix: PrefixCache) -> decoder_pb2.PrefixCacheStatsResponse:
+    c, pool = prefix.counters, prefix.pool
+    p = pool.counters
+    return decoder_pb2.PrefixCacheStatsResponse(
+        enabled=prefix.enabled,
+        block_size=prefix.block_size,
+        queries=c.queries,
+        query_tokens=c.query_tokens,
+        matched_tokens=c.matched_tokens,
+        memory_hits=p.memory_hits,
+        remote_hits=p.remote_hits,
+        misses=p.misses,
+        memory=cache_pb2.TierStats(
+            entries=len(pool),
+            bytes=pool.nbytes,
+            capacity_bytes=pool.capacity,
+            hits=p.hits,
+            evictions=p.evictions,
+        ),  # fmt: skip
+        blocks_written=c.blocks_written,
+    )
+
 
 def add_to_server(  # noqa: ANN201
-    engine: DecoderEngine, cache: FeatureSource, defaults: OutputDefaults | None = None
+    engine: DecoderEngine,
+    cache: FeatureSource,
+    defaults: OutputDefaults | None = None,
+    remote: RemoteTier | None = None,
 ):
     def add(server: grpc.aio.Server) -> list[str]:
-        servicer = DecoderServicer(engine, cache, defaults)
+        servicer = DecoderServicer(engine, cache, defaults, remote)
         decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
         return ["prism.v1.Decoder"]
 

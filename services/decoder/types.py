@@ -33,6 +33,7 @@ class EngineRequest:
     logprobs: bool = False  # report each token's log-probability
     top_logprobs: int = 0  # and this many alternatives (up to the engine's top_logprobs_k)
     constraints: list[TokenConstraint] = field(default_factory=list)  # masks ANDed
+    prefix_keys: list[str] = field(default_factory=list)  # APC block keys of the prompt
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Finish:
     stop_sequence: str = ""
     timings: Timings = Timings()
     error: str = ""
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Media bytes -> vision features in the cache, keyed by content (no gRPC in here).
 
 Decoding, preprocessing and the tower run on the process's single MLX thread
-(`shared.runtime.mlx_thread`). Items the cache already holds are not recomputed: `contains`
-decides, and a small in-process memo of refs supplies their grid/num_tokens without touching
-the media. Concurrent requests for the same key share one computation.
+(`shared.runtime.mlx_thread`). Items the cache already holds are not recomputed, whoever stored
+them: a small in-process memo of refs supplies grid/num_tokens for keys this process has seen
+(the cache confirms presence), and for any other key (another replica, or before a restart) the
+ref is rebuilt from the entry's header: the metadata written with it and its tensor specs, no
+data. Concurrent requests for the same key share one computation.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mlx.utils import tree_flatten
 from services.encoder.keys import content_key, effective_params, model_fingerprint
 from services.encoder.types import (
     EncodedItem,
+    EntryHeader,
     FeatureRef,
     FeatureStore,
     MediaItemInput,
@@ -89,15 +92,9 @@ class EncoderEngine:
         if not items:
             return []
         keys = await asyncio.to_thread(self._keys, served, items, tenant)  # hashing large bytes
-        unique = list(dict.fromkeys(keys))
-        present = await _bounded(self._cache.contains(unique, request_id=request_id), deadline)
-        # A hit needs the cache to hold the entry (authoritative) and the memo to describe it;
-        # a key only the cache knows (another replica, or a restart) is recomputed.
-        results = {
-            k: EncodedItem(self._touch(k), cache_hit=True, encode_ns=0)
-            for k, p in zip(unique, present, strict=True)
-            if p and k in self._memo
-        }
+        unique = {k: items[keys.index(k)].modality for k in dict.fromkeys(keys)}
+        hits = await _bounded(self._lookup(unique, request_id), deadline)
+        results = {k: EncodedItem(ref, cache_hit=True, encode_ns=0) for k, ref in hits.items()}
         todo = {k: items[keys.index(k)] for k in unique if k not in results}
         computed = await asyncio.gather(
             *(self._compute_once(served, k, it, request_id, deadline) for k, it in todo.items())
@@ -113,6 +110,30 @@ class EncoderEngine:
                 + ", ".join(self._models)
             )
         return self._models[model_id]
+
+    async def _lookup(self, modalities: dict[str, str], rid: str) -> dict[str, FeatureRef]:
+        """Refs of the keys the cache holds. Exactly one cache lookup per key, so its stats count
+        each reuse once: keys the memo describes are confirmed in one Contains (the cache is
+        authoritative: an evicted entry is recomputed), the rest get a header-only Get."""
+        known = {k: self._memo[k] for k in modalities if k in self._memo}  # before any await
+        unknown = [k for k in modalities if k not in known]
+
+        async def confirm() -> list[bool]:
+            return await self._cache.contains(list(known), request_id=rid) if known else []
+
+        present, *headers = await asyncio.gather(
+            confirm(), *(self._cache.head(k, request_id=rid) for k in unknown)
+        )
+        refs = {k: ref for (k, ref), p in zip(known.items(), present, strict=True) if p}
+        for key, header in zip(unknown, headers, strict=True):
+            ref = None if header is None else ref_from_header(key, modalities[key], header)
+            if ref is not None:
+                refs[key] = ref
+            elif header is not None:  # counted as a hit by the cache, yet recomputed here
+                log.warning("feature_entry_unusable", key=key[:16], metadata=dict(header.metadata))
+        for ref in refs.values():
+            self._remember(ref)
+        return refs
 
     def _keys(self, served: _Served, items: Sequence[MediaItemInput], tenant: str) -> list[str]:
         processor = served.model.processor
@@ -153,12 +174,7 @@ class EncoderEngine:
         self, served: _Served, key: str, item: MediaItemInput, rid: str, deadline: float | None
     ) -> tuple[FeatureRef, int]:
         ref, features, encode_ns = await mlx_thread.run(self._compute, served, key, item)
-        meta = {
-            "modality": ref.modality,
-            "num_tokens": str(ref.num_tokens),
-            "grid": ",".join(map(str, ref.grid)),
-            "seconds_per_grid": repr(ref.seconds_per_grid),
-        }
+        meta = ref_metadata(ref)
         stored = await _bounded(
             self._cache.put(key, {"features": features}, metadata=meta, request_id=rid), deadline
         )
@@ -195,15 +211,44 @@ class EncoderEngine:
         )
         return ref, features, time.perf_counter_ns() - start
 
-    def _touch(self, key: str) -> FeatureRef:
-        self._memo.move_to_end(key)
-        return self._memo[key]
-
     def _remember(self, ref: FeatureRef) -> None:
         self._memo[ref.key] = ref
         self._memo.move_to_end(ref.key)
         while len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)
+
+
+def ref_metadata(ref: FeatureRef) -> dict[str, str]:
+    """What the cache entry carries besides its tensor specs so `ref_from_header` can rebuild
+    `ref` (the key is the entry's key, the tensor specs its header's)."""
+    return {
+        "modality": ref.modality,
+        "num_tokens": str(ref.num_tokens),
+        "grid": ",".join(map(str, ref.grid)),
+        "seconds_per_grid": repr(ref.seconds_per_grid),  # repr: round-trips the float exactly
+    }
+
+
+def ref_from_header(key: str, modality: str, header: EntryHeader) -> FeatureRef | None:
+    """The ref `_compute` made for the entry, from its header; None (so: recompute) when a field
+    is missing or does not fit the features, e.g. an entry written by an older encoder."""
+    meta = dict(header.metadata)  # a proto map would insert "" for a missing field, not raise
+    try:
+        grid = meta["grid"]
+        ref = FeatureRef(
+            key=key,
+            modality=meta["modality"],
+            num_tokens=int(meta["num_tokens"]),
+            grid=tuple(int(g) for g in grid.split(",")) if grid else (),
+            seconds_per_grid=float(meta["seconds_per_grid"]),
+            tensors=tuple(TensorInfo(t.name, t.dtype, tuple(t.shape)) for t in header.tensors),
+        )
+    except (KeyError, ValueError):
+        return None
+    # The key hashes the modality, so a mismatch means the metadata is not this entry's own.
+    if ref.modality != modality or [t.name for t in ref.tensors] != ["features"]:
+        return None
+    return ref if ref.tensors[0].shape[:1] == (ref.num_tokens,) else None
 
 
 def _float_dtype(module: Any) -> mx.Dtype:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import mlx.core as mx
+from prism.v1.cache_pb2 import EntryHeader
 
 
 class FeatureStore(Protocol):
@@ -19,6 +20,10 @@ class FeatureStore(Protocol):
     async def contains(
         self, keys: list[str], *, namespace: str = ..., request_id: str = ...
     ) -> list[bool]: ...
+
+    async def head(
+        self, key: str, *, namespace: str = ..., request_id: str = ...
+    ) -> EntryHeader | None: ...
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from services.gateway.auth import api_key_dependency
 from services.gateway.backends import BackendPools
+from services.gateway.cache_admin import ADMIN_TIMEOUT, CacheService, cache_reset, cache_stats
 from services.gateway.chat import chat_completions
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import error_body, install_error_handlers
@@ -21,6 +23,8 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import RequestContextMiddleware
 from services.gateway.pipeline import Pipeline
 from services.gateway.responses import create_response
+
+log = structlog.get_logger("gateway")
 
 
 def _pools(request: Request) -> BackendPools:
@@ -90,18 +94,25 @@ def create_app(
         loader = MediaLoader(config, fetch)
         app.state.fetcher = fetch
         app.state.pipeline = Pipeline(config, pools, loader, gateway_metrics)
+        app.state.cache = CacheService(config.cache, ADMIN_TIMEOUT) if config.cache else None
+        if app.state.cache is None:
+            # Every real deployment has one (encoders and decoders need it): likely an oversight.
+            log.warning("cache_service_not_configured", hint="--cache / PRISM_CACHE_ADDR")
         await pools.start()
         try:
             yield
         finally:
             await pools.close()
             await fetch.aclose()
+            if app.state.cache is not None:
+                await app.state.cache.close()
 
     app = FastAPI(
         title="Prism gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.config, app.state.pools, app.state.metrics = config, pools, gateway_metrics
     app.state.started = int(time.time())
+    app.state.cache = None  # the lifespan opens the channel, inside the serving loop
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=config.max_body_bytes, metrics=gateway_metrics
@@ -114,6 +125,8 @@ def create_app(
         app.add_api_route(
             f"{prefix}/responses", create_response, methods=["POST"], dependencies=auth
         )
+        app.add_api_route(f"{prefix}/cache/stats", cache_stats, methods=["GET"], dependencies=auth)
+        app.add_api_route(f"{prefix}/cache/reset", cache_reset, methods=["POST"], dependencies=auth)
         app.add_api_route(f"{prefix}/models", list_models, methods=["GET"], dependencies=auth)
         app.add_api_route(f"{prefix}/ready", ready, methods=["GET"], dependencies=auth)
         app.add_api_route(f"{prefix}/metrics", metrics, methods=["GET"], dependencies=auth)

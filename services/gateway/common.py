@@ -50,14 +50,19 @@ def request_id(request: Request) -> str:
 
 
 def tenant(request: Request, config: GatewayConfig) -> str:
-    """APC isolation salt: X-APC-Tenant, else (a digest of) the API key, else none."""
-    header = request.headers.get(TENANT_HEADER, "").strip()
-    if header:
-        return header[:256]
-    auth = request.headers.get("authorization", "")
-    if config.api_key and auth.lower().startswith("bearer "):
-        return hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:32]
-    return ""
+    """APC isolation salt (prefix blocks and media features are keyed by it).
+
+    Keys off: the X-APC-Tenant header, or none. Keys on: a digest of the (already verified)
+    key, with the header appended as a sub-tenant, so a client can split its own key's cache
+    but never name a salt that another key's requests use.
+    """
+    header = request.headers.get(TENANT_HEADER, "").strip()[:256]
+    if not config.api_key:
+        return header
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    key = token.strip() if scheme.lower() == "bearer" else ""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"{digest}:{header}" if header else digest
 
 
 def make_job(

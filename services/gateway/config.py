@@ -15,6 +15,9 @@ class GatewayConfig:
     port: int = 8080
     encoders: list[str] = field(default_factory=list)
     decoders: list[str] = field(default_factory=list)
+    # Cache service, for /v1/cache/stats and /v1/cache/reset only; None: those report the
+    # decoders alone (generation never goes through the gateway's cache connection).
+    cache: str | None = None
     api_key: str | None = None
     # Local media paths are refused unless they resolve under this directory.
     allowed_local_media_path: str | None = None
@@ -65,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Repeatable and comma-separated; the env var is read in config_from_args when unset.
     p.add_argument("--encoder", action="append", help="encoder host:port[,...] [PRISM_ENCODERS]")
     p.add_argument("--decoder", action="append", help="decoder host:port[,...] [PRISM_DECODERS]")
+    add(
+        "--cache",
+        "PRISM_CACHE_ADDR",
+        "cache service host:port, for /v1/cache/stats and /v1/cache/reset (optional)",
+    )
     add("--api-key", "PRISM_API_KEY", "require 'Authorization: Bearer KEY' (all but /health)")
     add(
         "--allowed-local-media-path",
@@ -138,6 +146,7 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         port=int(a.port),
         encoders=_split(a.encoder if a.encoder else _env("PRISM_ENCODERS")),
         decoders=_split(a.decoder if a.decoder else _env("PRISM_DECODERS")),
+        cache=a.cache or None,
         api_key=a.api_key or None,
         allowed_local_media_path=a.allowed_local_media_path or None,
         max_images_per_request=int(a.max_images_per_request),

@@ -63,6 +63,8 @@ class Generation:
             return
         f = ev.finish
         m.prompt_tokens.labels(self.model).inc(f.usage.prompt_tokens)
+        m.prefix_cache_queries.labels(self.model).inc(f.usage.prompt_tokens)
+        m.prefix_cache_hits.labels(self.model).inc(f.usage.cached_prompt_tokens)
         m.generation_tokens.labels(self.model).inc(f.usage.completion_tokens)
         m.e2e.labels(self.model).observe(now - self.arrived)
         if f.reason == decoder_pb2.FINISH_REASON_ERROR:

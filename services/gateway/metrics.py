@@ -5,7 +5,9 @@ One registry per app (not the global one), so several gateways can live in one p
 decoder queue, prefill); "running" counts those streaming tokens. The decoders' own numbers
 (their batch, their queue, their KV cache), polled by the health loop, are reported beside
 them as `prism:decoder_num_requests_running`, `prism:decoder_num_requests_waiting` (summed
-over a model's decoders) and `prism:kv_cache_usage_perc` (their mean, 0..1).
+over a model's decoders) and `prism:kv_cache_usage_perc` (their mean, 0..1). The prefix cache
+counters (`prism:prefix_cache_queries_total` / `_hits_total`, in prompt tokens) come from each
+finished request's usage, so they need no polling.
 """
 
 from __future__ import annotations
@@ -77,6 +79,19 @@ class GatewayMetrics:
         )
         self.prompt_tokens = Counter(
             "prism:prompt_tokens", "Prompt tokens processed.", label, registry=r
+        )
+        # vLLM's APC pair, in tokens: hits / queries is the prefix cache's token hit rate.
+        self.prefix_cache_queries = Counter(
+            "prism:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            label,
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "prism:prefix_cache_hits",
+            "Prompt tokens served from the prefix cache.",
+            label,
+            registry=r,
         )
         self.generation_tokens = Counter(
             "prism:generation_tokens", "Tokens generated.", label, registry=r

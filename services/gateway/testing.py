@@ -18,6 +18,7 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prism.v1 import (
+    cache_pb2,
     common_pb2,
     decoder_pb2,
     decoder_pb2_grpc,
@@ -72,6 +73,11 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
         self.cancelled = threading.Event()
         # When set, streamed as is instead of `pieces` (reasoning, tool calls, custom finishes).
         self.script: list[decoder_pb2.GenerateResponse] | None = None
+        self.cached_tokens = 2  # Finish.usage.cached_prompt_tokens
+        # PrefixCacheStats answers this; PrefixCacheReset answers `removed_blocks` and counts.
+        self.prefix_stats = prefix_stats(seed=1)
+        self.removed_blocks = 7
+        self.resets = 0
 
     def Generate(self, request: decoder_pb2.GenerateRequest, context: Any) -> Iterator[Any]:
         self.requests.append(request)
@@ -106,13 +112,45 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
             else decoder_pb2.FINISH_REASON_STOP
         )
         usage = common_pb2.Usage(
-            prompt_tokens=10 + 4 * len(keys), completion_tokens=len(pieces), cached_prompt_tokens=2
+            prompt_tokens=10 + 4 * len(keys),
+            completion_tokens=len(pieces),
+            cached_prompt_tokens=self.cached_tokens,
         )
         state["finished"] = True
         yield decoder_pb2.GenerateResponse(finish=decoder_pb2.Finish(reason=reason, usage=usage))
 
     def ListModels(self, request: Any, context: Any) -> common_pb2.ListModelsResponse:
         return common_pb2.ListModelsResponse(models=self.models)
+
+    def PrefixCacheStats(self, request: Any, context: Any) -> decoder_pb2.PrefixCacheStatsResponse:
+        return self.prefix_stats
+
+    def PrefixCacheReset(self, request: Any, context: Any) -> decoder_pb2.PrefixCacheResetResponse:
+        self.resets += 1
+        return decoder_pb2.PrefixCacheResetResponse(removed_blocks=self.removed_blocks)
+
+
+def prefix_stats(seed: int, block_size: int = 16) -> decoder_pb2.PrefixCacheStatsResponse:
+    """Distinct, known APC numbers (each a multiple of `seed`), so sums are checkable."""
+    memory = cache_pb2.TierStats(
+        entries=5 * seed,
+        bytes=600 * seed,
+        capacity_bytes=1000 * seed,
+        hits=7 * seed,
+        evictions=seed,
+    )
+    return decoder_pb2.PrefixCacheStatsResponse(
+        enabled=True,
+        block_size=block_size,
+        queries=3 * seed,
+        query_tokens=100 * seed,
+        matched_tokens=48 * seed,
+        memory_hits=2 * seed,
+        remote_hits=seed,
+        misses=4 * seed,
+        memory=memory,
+        blocks_written=9 * seed,
+    )
 
 
 class FakeServer:

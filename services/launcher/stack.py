@@ -150,7 +150,7 @@ class Stack:
         argv = ["-m", cfg.modules["gateway"], "--host", cfg.host, "--port", str(self.ports[name])]
         argv += ["--log-level", cfg.log_level, "--grace", str(cfg.grace)]
         decoders = cfg.gateway_decoders if cfg.gateway_decoders else self.addresses("decoder")
-        argv += ["--decoder", ",".join(decoders)]
+        argv += ["--decoder", ",".join(decoders), "--cache", self.address("cache")]
         if self.children.get("encoder"):
             argv += ["--encoder", ",".join(self.addresses("encoder"))]
         if cfg.api_key:

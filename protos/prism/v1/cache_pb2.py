@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from prism.v1 import common_pb2 as prism_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/cache.proto\x12\x08prism.v1\x1a\x15prism/v1/common.proto\"\xbc\x01\n\x0b\x45ntryHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12%\n\x07tensors\x18\x03 \x03(\x0b\x32\x14.prism.v1.TensorSpec\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.prism.v1.EntryHeader.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x08PutChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.prism.v1.EntryHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\x0bPutResponse\x12\x14\n\x0cstored_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x08\",\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\"K\n\x08GetChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.prism.v1.EntryHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"2\n\x0f\x43ontainsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\"#\n\x10\x43ontainsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"d\n\tTierStats\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\"&\n\x11\x43\x61\x63heStatsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\x8f\x01\n\x12\x43\x61\x63heStatsResponse\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.prism.v1.TierStats\x12!\n\x04\x64isk\x18\x02 \x01(\x0b\x32\x13.prism.v1.TierStats\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x0c\n\x04puts\x18\x04 \x01(\x04\x12\x13\n\x0b\x64isk_errors\x18\x05 \x01(\x04\"&\n\x11\x43\x61\x63heResetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"-\n\x12\x43\x61\x63heResetResponse\x12\x17\n\x0fremoved_entries\x18\x01 \x01(\x04\x32\xb9\x02\n\x05\x43\x61\x63he\x12\x32\n\x03Put\x12\x12.prism.v1.PutChunk\x1a\x15.prism.v1.PutResponse(\x01\x12\x31\n\x03Get\x12\x14.prism.v1.GetRequest\x1a\x12.prism.v1.GetChunk0\x01\x12\x41\n\x08\x43ontains\x12\x19.prism.v1.ContainsRequest\x1a\x1a.prism.v1.ContainsResponse\x12\x42\n\x05Stats\x12\x1b.prism.v1.CacheStatsRequest\x1a\x1c.prism.v1.CacheStatsResponse\x12\x42\n\x05Reset\x12\x1b.prism.v1.CacheResetRequest\x1a\x1c.prism.v1.CacheResetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/cache.proto\x12\x08prism.v1\x1a\x15prism/v1/common.proto\"\xbc\x01\n\x0b\x45ntryHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12%\n\x07tensors\x18\x03 \x03(\x0b\x32\x14.prism.v1.TensorSpec\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.prism.v1.EntryHeader.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x08PutChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.prism.v1.EntryHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\x0bPutResponse\x12\x14\n\x0cstored_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x08\"A\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x13\n\x0bheader_only\x18\x03 \x01(\x08\"K\n\x08GetChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.prism.v1.EntryHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"2\n\x0f\x43ontainsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\"#\n\x10\x43ontainsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"d\n\tTierStats\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\"&\n\x11\x43\x61\x63heStatsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\x8f\x01\n\x12\x43\x61\x63heStatsResponse\x12#\n\x06memory\x18\x01 \x01(\x0b\x32\x13.prism.v1.TierStats\x12!\n\x04\x64isk\x18\x02 \x01(\x0b\x32\x13.prism.v1.TierStats\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x0c\n\x04puts\x18\x04 \x01(\x04\x12\x13\n\x0b\x64isk_errors\x18\x05 \x01(\x04\"&\n\x11\x43\x61\x63heResetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"-\n\x12\x43\x61\x63heResetResponse\x12\x17\n\x0fremoved_entries\x18\x01 \x01(\x04\x32\xb9\x02\n\x05\x43\x61\x63he\x12\x32\n\x03Put\x12\x12.prism.v1.PutChunk\x1a\x15.prism.v1.PutResponse(\x01\x12\x31\n\x03Get\x12\x14.prism.v1.GetRequest\x1a\x12.prism.v1.GetChunk0\x01\x12\x41\n\x08\x43ontains\x12\x19.prism.v1.ContainsRequest\x1a\x1a.prism.v1.ContainsResponse\x12\x42\n\x05Stats\x12\x1b.prism.v1.CacheStatsRequest\x1a\x1c.prism.v1.CacheStatsResponse\x12\x42\n\x05Reset\x12\x1b.prism.v1.CacheResetRequest\x1a\x1c.prism.v1.CacheResetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,23 +43,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRESPONSE']._serialized_start=325
   _globals['_PUTRESPONSE']._serialized_end=376
   _globals['_GETREQUEST']._serialized_start=378
-  _globals['_GETREQUEST']._serialized_end=422
-  _globals['_GETCHUNK']._serialized_start=424
-  _globals['_GETCHUNK']._serialized_end=499
-  _globals['_CONTAINSREQUEST']._serialized_start=501
-  _globals['_CONTAINSREQUEST']._serialized_end=551
-  _globals['_CONTAINSRESPONSE']._serialized_start=553
-  _globals['_CONTAINSRESPONSE']._serialized_end=588
-  _globals['_TIERSTATS']._serialized_start=590
-  _globals['_TIERSTATS']._serialized_end=690
-  _globals['_CACHESTATSREQUEST']._serialized_start=692
-  _globals['_CACHESTATSREQUEST']._serialized_end=730
-  _globals['_CACHESTATSRESPONSE']._serialized_start=733
-  _globals['_CACHESTATSRESPONSE']._serialized_end=876
-  _globals['_CACHERESETREQUEST']._serialized_start=878
-  _globals['_CACHERESETREQUEST']._serialized_end=916
-  _globals['_CACHERESETRESPONSE']._serialized_start=918
-  _globals['_CACHERESETRESPONSE']._serialized_end=963
-  _globals['_CACHE']._serialized_start=966
-  _globals['_CACHE']._serialized_end=1279
+  _globals['_GETREQUEST']._serialized_end=443
+  _globals['_GETCHUNK']._serialized_start=445
+  _globals['_GETCHUNK']._serialized_end=520
+  _globals['_CONTAINSREQUEST']._serialized_start=522
+  _globals['_CONTAINSREQUEST']._serialized_end=572
+  _globals['_CONTAINSRESPONSE']._serialized_start=574
+  _globals['_CONTAINSRESPONSE']._serialized_end=609
+  _globals['_TIERSTATS']._serialized_start=611
+  _globals['_TIERSTATS']._serialized_end=711
+  _globals['_CACHESTATSREQUEST']._serialized_start=713
+  _globals['_CACHESTATSREQUEST']._serialized_end=751
+  _globals['_CACHESTATSRESPONSE']._serialized_start=754
+  _globals['_CACHESTATSRESPONSE']._serialized_end=897
+  _globals['_CACHERESETREQUEST']._serialized_start=899
+  _globals['_CACHERESETREQUEST']._serialized_end=937
+  _globals['_CACHERESETRESPONSE']._serialized_start=939
+  _globals['_CACHERESETRESPONSE']._serialized_end=984
+  _globals['_CACHE']._serialized_start=987
+  _globals['_CACHE']._serialized_end=1300
 # @@protoc_insertion_point(module_scope)

@@ -43,12 +43,14 @@ class PutResponse(_message.Message):
     def __init__(self, stored_bytes: _Optional[int] = ..., stored: _Optional[bool] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("key", "namespace")
+    __slots__ = ("key", "namespace", "header_only")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_ONLY_FIELD_NUMBER: _ClassVar[int]
     key: str
     namespace: str
-    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+    header_only: bool
+    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., header_only: _Optional[bool] = ...) -> None: ...
 
 class GetChunk(_message.Message):
     __slots__ = ("header", "data")

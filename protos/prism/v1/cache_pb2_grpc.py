@@ -73,7 +73,8 @@ class CacheServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Server stream: one header, then the bytes in chunks. NOT_FOUND when the key is absent.
+        """Server stream: one header, then the bytes in chunks (none with header_only). NOT_FOUND when
+        the key is absent. Counted in Stats as one lookup (hit or miss), like Contains.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
