@@ -166,3 +166,19 @@ def test_a_damaged_shard_is_recomputed_not_served(cluster, first) -> None:
     assert kv_stats(cluster.cache.address).disk_errors >= 1
     again, finish = generate(cluster.decoders[1].address, request())
     assert again == first[0]
+
+
+def test_reset_empties_both_tiers(cluster, first) -> None:
+    decoder, cache = cluster.decoders[0].address, cluster.cache.address
+    tokens, finish = generate(decoder, request())
+    assert finish.usage.cached_prompt_tokens == usable(first[1])
+    with grpc.insecure_channel(decoder) as channel:
+        stub = decoder_pb2_grpc.DecoderStub(channel)
+        reply = stub.PrefixCacheReset(decoder_pb2.PrefixCacheResetRequest(), timeout=10)
+    assert reply.removed_blocks >= usable(first[1]) // BS
+    with grpc.insecure_channel(cache) as channel:
+        stub = cache_pb2_grpc.CacheStub(channel)
+        stub.Reset(cache_pb2.CacheResetRequest(namespace="kv"), timeout=10)
+    assert prefix_stats(decoder).memory.entries == 0 and kv_stats(cache).memory.entries == 0
+    tokens, finish = generate(decoder, request())
+    assert tokens == first[0] and finish.usage.cached_prompt_tokens == 0

@@ -271,7 +271,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         self, request: decoder_pb2.PrefixCacheResetRequest, context: grpc.aio.ServicerContext
     ) -> decoder_pb2.PrefixCacheResetResponse:
         removed = self.engine.prefix.reset()
-        log.info("apc_reset", removed_blocks=removed)
+        queued = self.remote.discard() if self.remote is not None else 0
+        log.info("apc_reset", removed_blocks=removed, dropped_writes=queued)
         return decoder_pb2.PrefixCacheResetResponse(removed_blocks=removed)
 
 

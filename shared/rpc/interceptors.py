@@ -29,7 +29,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     if isinstance(exc, MissingFeaturesError):
         context.set_trailing_metadata(((exc.metadata_key, ",".join(exc.keys)),))
     if isinstance(exc, PrismError):
-        log.info("rpc_refused", method=method, code=exc.grpc_code, error=exc.message)
+        # A cache miss (NOT_FOUND) is an answer, not a refusal worth a log line at info.
+        level = log.debug if exc.grpc_code == "NOT_FOUND" else log.info
+        level("rpc_refused", method=method, code=exc.grpc_code, error=exc.message)
         await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
     log.exception("rpc_failed", method=method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")

@@ -157,4 +157,6 @@ class PrefixCache:
         self.sink(unsent)
 
     def reset(self) -> int:
+        """Drop the blocks no request holds, and those not yet handed to the next tier."""
+        self._unsent = []
         return self.pool.reset()

@@ -98,6 +98,16 @@ class RemoteTier:
             finally:
                 self._queue.task_done()
 
+    def discard(self) -> int:
+        """Drop the queued writes (a reset: what was reset must not come back); returns how
+        many. A write already under way may still land."""
+        dropped = 0
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
+            dropped += 1
+        return dropped
+
     async def drain(self) -> None:
         """Wait until every queued write was attempted (tests, shutdown)."""
         await self._queue.join()
