@@ -169,16 +169,21 @@ def test_a_damaged_shard_is_recomputed_not_served(cluster, first) -> None:
 
 
 def test_reset_empties_both_tiers(cluster, first) -> None:
+    """Its own tenant, so no other test's writes can land after the reset."""
     decoder, cache = cluster.decoders[0].address, cluster.cache.address
-    tokens, finish = generate(decoder, request())
-    assert finish.usage.cached_prompt_tokens == usable(first[1])
+    puts, sent = kv_stats(cache).puts, prefix_stats(decoder).blocks_written
+    tokens, finish = generate(decoder, request(tenant="reset"))
+    assert tokens == first[0] and finish.usage.cached_prompt_tokens == 0
+    # A reset cannot recall a write already under way: let this request's writes land first.
+    new = prefix_stats(decoder).blocks_written - sent
+    wait_for("block writes landed", lambda: kv_stats(cache).puts >= puts + new)
     with grpc.insecure_channel(decoder) as channel:
         stub = decoder_pb2_grpc.DecoderStub(channel)
         reply = stub.PrefixCacheReset(decoder_pb2.PrefixCacheResetRequest(), timeout=10)
-    assert reply.removed_blocks >= usable(first[1]) // BS
+    assert reply.removed_blocks >= new > 0
     with grpc.insecure_channel(cache) as channel:
         stub = cache_pb2_grpc.CacheStub(channel)
         stub.Reset(cache_pb2.CacheResetRequest(namespace="kv"), timeout=10)
-    assert prefix_stats(decoder).memory.entries == 0 and kv_stats(cache).memory.entries == 0
-    tokens, finish = generate(decoder, request())
+    assert prefix_stats(decoder).memory.entries == 0
+    tokens, finish = generate(decoder, request(tenant="reset"))
     assert tokens == first[0] and finish.usage.cached_prompt_tokens == 0
