@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 
-.PHONY: install test lint run-local clean proto
+.PHONY: install test lint run-local clean proto soak
 
 # Each stamp is rebuilt only when the dependency list changes (idempotent, fast otherwise).
 $(RUNTIME): pyproject.toml
@@ -49,6 +49,14 @@ run-local: $(RUNTIME)
 		--decoder-port $(DECODER_PORT) --cache-port $(CACHE_PORT) \
 		--encoders $(ENCODERS) --decoders $(DECODERS) \
 		$(if $(CACHE_DISK_PATH),--cache-disk-path '$(CACHE_DISK_PATH)') $(RUN_LOCAL_ARGS)
+
+# `make soak [SOAK_MINUTES=30] [SOAK_ARGS=...]`: steady load with periodic decoder kills, checking
+# every completion and the memory of every process (bench/soak.py). Long: not part of `make test`.
+SOAK_MINUTES ?= 30
+SOAK_ARGS ?=
+
+soak: $(RUNTIME)
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 from PIL import Image
 from prism.v1 import cache_pb2, cache_pb2_grpc, decoder_pb2, decoder_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.launcher import Stack, StackConfig
 
@@ -97,6 +99,20 @@ def decoder_stats(address: str) -> decoder_pb2.DecoderStatsResponse:
     with grpc.insecure_channel(address) as channel:
         stub = decoder_pb2_grpc.DecoderStub(channel)
         return stub.Stats(decoder_pb2.DecoderStatsRequest(), timeout=5)
+
+
+def gateway_metric(stack: Stack, name: str, model: str = MODEL_ID) -> float:
+    """One sample of the gateway's /metrics, e.g. `prism:num_requests_running` for `model`;
+    0 while the metric has no sample for the model yet (labels appear at their first use)."""
+    text = httpx.get(stack.gateway_url + "/metrics", timeout=5).raise_for_status().text
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("model_name") == model:
+                return float(sample.value)
+        return 0.0
+    raise AssertionError(f"{name} is not in the gateway's /metrics")
 
 
 def reset_cache(address: str) -> int:

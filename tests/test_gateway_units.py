@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import grpc
 import pytest
 
 from services.gateway import backends
@@ -12,9 +13,11 @@ from services.gateway.backends import BackendPools, expand_address
 from services.gateway.config import MiB, config_from_args
 from services.gateway.messages import chat_messages, media_specs, responses_messages
 from services.gateway.params import chat_tools, response_format, tool_choice
+from services.gateway.rpc_errors import rpc_error
 from services.gateway.schemas import ChatCompletionRequest, ResponsesRequest
 from services.gateway.testing import FakeDecoder, FakeServer, model_info
 from shared.errors import InvalidRequestError
+from shared.rpc.interceptors import ORIGIN_KEY, ORIGIN_SERVICE
 
 ENV = [
     "PRISM_ENCODERS",
@@ -90,6 +93,34 @@ def test_pools_expand_names_and_skip_dead_backends(monkeypatch):
             picks = {pools.candidates("decoder", "m")[0].address for _ in range(4)}
             assert picks == {live.address}
             assert list(pools.models()) == ["m"] and pools.candidates("decoder", "x") == []
+        finally:
+            await pools.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        live.stop()
+
+
+def test_unavailable_marks_a_backend_down_only_when_the_backend_itself_is_gone():
+    """UNAVAILABLE from a live servicer (its cache is down) keeps the backend in the pool;
+    UNAVAILABLE without the servicer's trailer (a dead peer) takes it out."""
+    live = FakeServer(FakeDecoder("live", [model_info("m", ("text",))]))
+
+    def unavailable(trailing: tuple[tuple[str, str], ...]) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), "x"
+        )
+
+    async def run():
+        pools = BackendPools([], [live.address], interval=60)
+        await pools.start()
+        try:
+            [backend] = pools.backends
+            err = rpc_error(unavailable(((ORIGIN_KEY, ORIGIN_SERVICE),)), backend, pools)
+            assert err.http_status == 503 and backend.healthy
+            rpc_error(unavailable(()), backend, pools)
+            assert not backend.healthy
         finally:
             await pools.close()
 

@@ -233,7 +233,10 @@ class DiskStore:
         """Write (or replace) an entry atomically. False when refused or the write failed."""
         head = encode_header(entry)
         size = len(head) + entry.nbytes
-        if size > self.capacity:
+        if size > self.capacity:  # the cap itself is too small: say so, it is a setting to fix
+            with self._lock:
+                self.errors += 1
+            log.warning("disk_entry_over_capacity", key=entry.key, bytes=size, cap=self.capacity)
             return False
         path = self.path_for(entry.namespace, entry.key)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")

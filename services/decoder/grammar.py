@@ -74,6 +74,10 @@ def json_schema_grammar(schema: dict[str, Any] | str, *, strict: bool = True) ->
             raise InvalidRequestError(
                 f"the JSON schema is not valid JSON: {exc}", param="response_format"
             ) from exc
+        except RecursionError:  # deeper than Python's parser goes: far past llguidance's limit
+            raise InvalidRequestError(
+                "the JSON schema is nested too deeply", param="response_format"
+            ) from None
     if not isinstance(schema, dict | bool):
         raise InvalidRequestError("the JSON schema must be an object", param="response_format")
     overrides = {**JSON_OPTIONS, "lenient": not strict}
@@ -119,6 +123,16 @@ class GrammarConstraint:
         self._eos = np.asarray(tokenizer.eos_tokens, dtype=np.int64)
         self._mask: np.ndarray | None = None  # the next step's, computed lazily once
         self.text_tokens: list[int] = []  # accepted, for debugging and tests
+        # A grammar whose first step allows nothing but EOS admits no document at all (e.g. a
+        # schema that is only a $ref cycle): refuse it rather than "answer" an empty string.
+        # The mask is the first step's anyway, so this costs nothing.
+        first = self.allowed()
+        if first is None or np.isin(np.flatnonzero(first), self._eos).all():
+            raise InvalidRequestError(
+                "the grammar engine refused it: it admits no output at all "
+                "(a schema that is only a $ref cycle, say)",
+                param=param,
+            )
 
     def allowed(self) -> np.ndarray | None:
         if self.matcher.is_error() or self.matcher.is_stopped():

@@ -9,11 +9,19 @@ from typing import Any
 
 import structlog
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
+from services.gateway import schemas as S
 from services.gateway.auth import api_key_dependency
 from services.gateway.backends import BackendPools
-from services.gateway.cache_admin import ADMIN_TIMEOUT, CacheService, cache_reset, cache_stats
+from services.gateway.cache_admin import (
+    ADMIN_TIMEOUT,
+    CacheResetBody,
+    CacheService,
+    cache_reset,
+    cache_stats,
+)
 from services.gateway.chat import chat_completions
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import error_body, install_error_handlers
@@ -71,6 +79,23 @@ async def metrics(request: Request) -> Response:
     return Response(content, media_type=content_type)
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the schemas the route declarations name, and the bearer scheme."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = doc.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for name, schema in S.openapi_components(
+            S.ChatCompletionRequest, S.ResponsesRequest, CacheResetBody
+        ).items():
+            if schemas.get(name, schema) != schema:
+                raise ValueError(f"two different schemas named {name}")
+            schemas[name] = schema
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 def create_app(
     config: GatewayConfig,
     backends: BackendPools | None = None,
@@ -115,20 +140,32 @@ def create_app(
     app.state.cache = None  # the lifespan opens the channel, inside the serving loop
     install_error_handlers(app)
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=config.max_body_bytes, metrics=gateway_metrics
+        RequestContextMiddleware,
+        max_body_bytes=config.max_body_bytes,
+        metrics=gateway_metrics,
+        body_timeout=config.body_timeout,
     )
     auth = [Depends(api_key_dependency(config.api_key))]
+    routes = [
+        ("/chat/completions", chat_completions, "POST"),
+        ("/responses", create_response, "POST"),
+        ("/cache/stats", cache_stats, "GET"),
+        ("/cache/reset", cache_reset, "POST"),
+        ("/models", list_models, "GET"),
+        ("/ready", ready, "GET"),
+        ("/metrics", metrics, "GET"),
+    ]
     for prefix in ("/v1", ""):
-        app.add_api_route(
-            f"{prefix}/chat/completions", chat_completions, methods=["POST"], dependencies=auth
-        )
-        app.add_api_route(
-            f"{prefix}/responses", create_response, methods=["POST"], dependencies=auth
-        )
-        app.add_api_route(f"{prefix}/cache/stats", cache_stats, methods=["GET"], dependencies=auth)
-        app.add_api_route(f"{prefix}/cache/reset", cache_reset, methods=["POST"], dependencies=auth)
-        app.add_api_route(f"{prefix}/models", list_models, methods=["GET"], dependencies=auth)
-        app.add_api_route(f"{prefix}/ready", ready, methods=["GET"], dependencies=auth)
-        app.add_api_route(f"{prefix}/metrics", metrics, methods=["GET"], dependencies=auth)
-        app.add_api_route(f"{prefix}/health", health, methods=["GET"])
+        for path, endpoint, method in routes:
+            # S.route_openapi: what the route takes and answers, for the OpenAPI document
+            # (the handlers parse their bodies themselves, so FastAPI can infer none of it).
+            app.add_api_route(
+                prefix + path,
+                endpoint,
+                methods=[method],
+                dependencies=auth,
+                **S.route_openapi(path),
+            )
+        app.add_api_route(f"{prefix}/health", health, methods=["GET"], **S.route_openapi("/health"))
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -27,6 +27,7 @@ from shared.rpc.modalities import PROTO_TO_MODALITY
 log = structlog.get_logger("gateway")
 
 RERESOLVE_EVERY = 15  # health rounds between DNS re-resolutions
+SLOW_CHECKS_DOWN = 3  # consecutive late health answers that mark a healthy backend down
 
 
 def expand_address(address: str) -> list[str]:
@@ -72,6 +73,7 @@ class Backend:
     models: dict[str, common_pb2.ModelInfo] = field(default_factory=dict)
     last_error: str = "not checked yet"
     stats: decoder_pb2.DecoderStatsResponse | None = None  # decoders: from the health loop
+    slow_checks: int = 0  # consecutive health checks that ran past their deadline
 
 
 class BackendPools:
@@ -162,8 +164,14 @@ class BackendPools:
                 )
                 b.models = {m.id: m for m in listed.models}
         except grpc.aio.AioRpcError as err:
-            serving = False
             b.last_error = f"{err.code().name}: {err.details()}"
+            # A busy host can miss one deadline; only NOT_SERVING, a refused connection or
+            # SLOW_CHECKS_DOWN late answers in a row take a healthy backend out.
+            late = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            b.slow_checks = b.slow_checks + 1 if late else 0
+            serving = was and late and b.slow_checks < SLOW_CHECKS_DOWN
+        else:
+            b.slow_checks = 0
         b.healthy = serving
         if b.kind == "decoder":
             await self._poll_stats(b)

@@ -127,7 +127,6 @@ def completion_json(
         "model": model,
         "choices": [choice],
         "usage": usage_json(finish.usage),
-        "system_fingerprint": None,
     }
 
 
@@ -136,7 +135,6 @@ async def stream_chat(
 ) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
-    base["system_fingerprint"] = None
 
     def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> str:
         out = {

@@ -34,6 +34,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:  # e.g. 100k nested brackets: hostile, not a server error
+        raise InvalidRequestError("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     try:

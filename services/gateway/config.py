@@ -27,6 +27,8 @@ class GatewayConfig:
     # Per video / audio item (images have their own cap).
     max_media_bytes: int = 50 * MiB
     max_body_bytes: int = 50 * MiB
+    # Seconds a client has to send its whole request body (slow or stalled uploads are cut: 408).
+    body_timeout: float = 60.0
     # Connect and read timeout of a media fetch; the whole fetch gets three times this.
     fetch_timeout: float = 10.0
     max_redirects: int = 5
@@ -107,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes", "PRISM_MAX_BODY_BYTES", "request body bytes", d.max_body_bytes, type=int
     )
     add(
+        "--body-timeout",
+        "PRISM_BODY_TIMEOUT",
+        "seconds to receive a whole request body (else 408)",
+        d.body_timeout,
+        type=float,
+    )
+    add(
         "--fetch-timeout",
         "PRISM_FETCH_TIMEOUT",
         "media URL connect/read timeout, seconds (whole fetch: 3x)",
@@ -154,6 +163,7 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         max_image_pixels=int(a.max_image_pixels),
         max_media_bytes=int(a.max_media_bytes),
         max_body_bytes=int(a.max_body_bytes),
+        body_timeout=float(a.body_timeout),
         fetch_timeout=float(a.fetch_timeout),
         max_redirects=int(a.max_redirects),
         allow_fetch_from=_split(

@@ -36,6 +36,14 @@ class PayloadTooLargeError(PrismError):
     code = "payload_too_large"
 
 
+class RequestTimeoutError(PrismError):
+    """The client did not send its whole body in time (--body-timeout)."""
+
+    http_status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class GatewayTimeoutError(PrismError):
     http_status = 504
     error_type = "timeout"
@@ -154,6 +162,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelNotFoundError",
     "PayloadTooLargeError",
+    "RequestTimeoutError",
     "RetryLaterError",
     "error_body",
     "error_response",

@@ -37,6 +37,7 @@ def error_kind(status: int) -> str:
         401: "unauthorized",
         404: "not_found",
         405: "method_not_allowed",
+        408: "request_timeout",
         413: "payload_too_large",
         429: "overloaded",
         499: "client_disconnected",

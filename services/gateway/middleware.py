@@ -1,5 +1,6 @@
 """The outermost layer of every request (pure ASGI, so streaming and disconnects pass through
-untouched): request id, body-size cap, catch-all 500, error metrics and the access log line."""
+untouched): request id, body-size cap and deadline, catch-all 500, error metrics and the access
+log line."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.errors import PayloadTooLargeError, error_body, prism_error_body
+from services.gateway.errors import (
+    ClientClosedError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    error_body,
+    prism_error_body,
+)
 from services.gateway.metrics import GatewayMetrics, error_kind
 
 log = structlog.get_logger("gateway")
@@ -49,20 +56,43 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        metrics: GatewayMetrics,
+        body_timeout: float = 60.0,
+    ) -> None:
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        self.body_timeout = body_timeout
 
     def _too_large(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"request body exceeds the {self.max_body_bytes}-byte limit")
 
     def _limited(self, receive: Receive, drain: bool) -> Receive:
-        seen = 0
+        """The app's receive, cut at the byte cap and at `body_timeout` seconds for the whole
+        body: a client that declares more than it sends, or drips it, cannot hold a request
+        open forever (uvicorn has no body timeout of its own)."""
+        seen, complete = 0, False
+        deadline = time.monotonic() + self.body_timeout
 
         async def wrapped() -> Message:
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, complete
+            if complete:  # e.g. a streaming response waiting for http.disconnect: no deadline
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(
+                    f"the request body did not arrive within {self.body_timeout:g} s"
+                ) from None
+            if msg["type"] == "http.disconnect":
+                # Gone mid-body: the client's doing (499), not an unhandled server error.
+                raise ClientClosedError("the client disconnected before sending the whole body")
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                complete = not msg.get("more_body", False)
                 if seen > self.max_body_bytes:
                     if drain and msg.get("more_body", False):
                         await _drain(receive, 4 * self.max_body_bytes)

@@ -67,7 +67,7 @@ def response_format(fmt: Any, param: str) -> decoder_pb2.ResponseFormat:
     if not isinstance(fmt, dict):
         raise InvalidRequestError(f"{param} must be an object", param=param)
     kind = fmt.get("type", "text")
-    if kind not in _FORMAT_TYPES:
+    if not isinstance(kind, str) or kind not in _FORMAT_TYPES:
         raise InvalidRequestError(
             f"{param}.type must be one of {sorted(_FORMAT_TYPES)}", param=param
         )
@@ -89,7 +89,8 @@ def tool_choice(choice: str | dict[str, Any] | None) -> str:
         if choice not in ("auto", "none", "required"):
             raise InvalidRequestError(f"unknown tool_choice {choice!r}", param="tool_choice")
         return choice
-    name = choice.get("name") or (choice.get("function") or {}).get("name")
+    function = choice.get("function")
+    name = choice.get("name") or (function.get("name") if isinstance(function, dict) else None)
     if not isinstance(name, str) or not name:
         raise InvalidRequestError("tool_choice needs a function name", param="tool_choice")
     return name

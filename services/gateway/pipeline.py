@@ -126,20 +126,21 @@ class Pipeline:
         req = encoder_pb2.EncodeRequest(
             request_id=job.request_id, model=job.model, items=items, tenant=job.tenant
         )
+        failure: PrismError | None = None
         for backend in self.pools.candidates("encoder", job.model):
             try:
                 resp = await backend.stub.Encode(
                     req, timeout=job.remaining(), metadata=request_metadata(job.request_id)
                 )
             except grpc.aio.AioRpcError as err:
-                mapped = rpc_error(err, backend, self.pools)
+                failure = rpc_error(err, backend, self.pools)
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
                     continue
-                raise mapped from err
+                raise failure from err
             if len(resp.items) != len(items):
                 raise BadGatewayError(f"encoder returned {len(resp.items)} of {len(items)} items")
             return [item.ref for item in resp.items]
-        raise BackendUnavailableError(f"no encoder available for model {job.model}")
+        raise failure or BackendUnavailableError(f"no encoder available for model {job.model}")
 
     def build_request(
         self, job: Job, refs: list[common_pb2.MediaFeatureRef]

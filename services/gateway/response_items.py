@@ -28,6 +28,21 @@ def lp_json(lp: decoder_pb2.TokenLogprob, with_bytes: bool) -> dict[str, Any]:
     return {**one(lp.token, lp.logprob, lp.bytes), "top_logprobs": top}
 
 
+def function_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A request's function tool (chat's nested shape or the Responses API's flat one) as the
+    Responses API echoes it: type, name, description, parameters, strict."""
+    if tool.get("type", "function") != "function":
+        return tool
+    fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+    return {
+        "type": "function",
+        "name": fn.get("name"),
+        "description": fn.get("description"),
+        "parameters": fn.get("parameters"),
+        "strict": fn.get("strict"),
+    }
+
+
 class ResponseBuilder:
     def __init__(self, body: ResponsesRequest, response_id: str, logprobs: bool) -> None:
         self.body, self.id, self.logprobs = body, response_id, logprobs
@@ -66,11 +81,10 @@ class ResponseBuilder:
             "top_p": b.top_p,
             "top_logprobs": b.top_logprobs,
             "tool_choice": b.tool_choice or "auto",
-            "tools": b.tools or [],
+            "tools": [function_tool(t) for t in b.tools or []],
             "text": b.text or {"format": {"type": "text"}},
             "truncation": "disabled",
-            "usage": self.usage(usage) if usage is not None else None,
-        }
+        } | ({"usage": self.usage(usage)} if usage is not None else {})
 
     @staticmethod
     def usage(u: common_pb2.Usage) -> dict[str, Any]:

@@ -17,13 +17,15 @@ from shared.errors import (
     MissingFeaturesError,
     PrismError,
 )
+from shared.rpc.interceptors import answered_by_service
 
 
 def rpc_error(err: grpc.aio.AioRpcError, backend: Backend, pools: BackendPools) -> PrismError:
     """A backend's gRPC status -> the PrismError (and HTTP status) the client sees."""
     code, details = err.code(), err.details() or err.code().name
     if code == grpc.StatusCode.UNAVAILABLE:
-        pools.mark_down(backend, f"UNAVAILABLE: {details}")
+        if not answered_by_service(err):  # the backend itself is gone, not something behind it
+            pools.mark_down(backend, f"UNAVAILABLE: {details}")
         return BackendUnavailableError(f"{backend.kind} unavailable: {details}")
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         for key, value in err.trailing_metadata() or ():

@@ -25,9 +25,20 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
+# Trailing metadata on every status a servicer chose: the process answered, so a caller can tell
+# "this service is up but something behind it is not" (UNAVAILABLE with it) from a dead peer.
+ORIGIN_KEY, ORIGIN_SERVICE = "prism-error-origin", "service"
+
+
+def answered_by_service(err: grpc.aio.AioRpcError) -> bool:
+    return (ORIGIN_KEY, ORIGIN_SERVICE) in tuple(err.trailing_metadata() or ())
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    trailing = [(ORIGIN_KEY, ORIGIN_SERVICE)]
     if isinstance(exc, MissingFeaturesError):
-        context.set_trailing_metadata(((exc.metadata_key, ",".join(exc.keys)),))
+        trailing.append((exc.metadata_key, ",".join(exc.keys)))
+    context.set_trailing_metadata(tuple(trailing))
     if isinstance(exc, PrismError):
         # A cache miss (NOT_FOUND) is an answer, not a refusal worth a log line at info.
         level = log.debug if exc.grpc_code == "NOT_FOUND" else log.info

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.rpc.channels import SERVER_OPTIONS
+from shared.rpc.channels import SERVER_OPTIONS, bind_deadline
 from shared.rpc.interceptors import ServiceInterceptor
 
 log = structlog.get_logger("server")
@@ -23,12 +24,57 @@ log = structlog.get_logger("server")
 AddServicers = Callable[[grpc.aio.Server], Sequence[str]]
 
 
+class DeadlineInterceptor(grpc.aio.ServerInterceptor):
+    """Binds each call's deadline before its handler runs, so the calls the handler makes
+    downstream (on `aio_channel`s) carry the caller's remaining time (`bind_deadline`)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        # Health and reflection call nothing downstream (and Watch is no async generator).
+        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_bind_unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_bind_unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_bind_stream(handler.unary_stream))
+        return handler._replace(stream_stream=_bind_stream(handler.stream_stream))
+
+
+def _bind_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        bind_deadline(context.time_remaining())
+        return await fn(request, context)
+
+    return wrapper
+
+
+def _bind_stream(fn: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        bind_deadline(context.time_remaining())
+        stream = fn(request, context)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()  # closed with us (a cancelled call), not whenever GC runs
+
+    return wrapper
+
+
 class PrismServer:
     """Owns one grpc.aio server and its health servicer."""
 
     def __init__(self, add_servicers: AddServicers, *, grace: float = 30.0) -> None:
         self.grace = grace
-        self.server = grpc.aio.server(interceptors=[ServiceInterceptor()], options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(), DeadlineInterceptor()], options=SERVER_OPTIONS
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(add_servicers(self.server))

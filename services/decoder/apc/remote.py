@@ -5,7 +5,10 @@ leading run, as long as the cache service holds them in order, and puts them in 
 engine's admission then matches them like any other block. New blocks from the engine thread
 arrive through `submit` and are written behind the request path by one writer task; a full
 backlog drops writes (counted) rather than holding memory. Failures of the cache service never
-fail a request: the prefix is simply recomputed.
+fail a request: the prefix is simply recomputed. Every failed call is counted (`errors`); an
+outage is logged once when it starts (`apc_remote_unavailable`, warning) and once when a call
+succeeds again (`apc_remote_recovered`, with how many calls failed meanwhile), the calls in
+between at debug only: a dead cache would otherwise log one warning per block of every prompt.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class RemoteTier:
     def __init__(self, prefix: PrefixCache, store: BlockStore) -> None:
         self.prefix, self.store = prefix, store
         self.dropped = 0  # writes skipped because the backlog was full
-        self.errors = 0
+        self.errors = 0  # failed reads and writes, ever
+        self._outage_errors: int | None = None  # errors when the current outage began; None: up
         self._queue: asyncio.Queue[tuple[str, mx.array]] = asyncio.Queue(MAX_BACKLOG)
         self._loop = asyncio.get_running_loop()
         self._writer = asyncio.create_task(self._write_loop())
@@ -62,9 +66,9 @@ class RemoteTier:
                     *(self.store.get(k, namespace=NAMESPACE, request_id=request_id) for k in window)
                 )
             except PrismError as exc:
-                self.errors += 1
-                log.warning("apc_remote_read_failed", error=str(exc))
+                self._failed("read", exc)
                 return loaded
+            self._succeeded()
             for key, entry in zip(window, entries, strict=True):
                 kv = (entry or {}).get("kv")
                 if kv is None or (tuple(kv.shape), kv.dtype) != self.prefix.block_layout:
@@ -93,10 +97,27 @@ class RemoteTier:
             try:
                 await self.store.put(key, {"kv": kv}, namespace=NAMESPACE, metadata=meta)
             except PrismError as exc:
-                self.errors += 1
-                log.warning("apc_remote_write_failed", key=key[:16], error=str(exc))
+                self._failed("write", exc, key=key[:16])
+            else:
+                self._succeeded()
             finally:
                 self._queue.task_done()
+
+    def _failed(self, op: str, exc: PrismError, **fields: str) -> None:
+        self.errors += 1
+        if self._outage_errors is None:  # the first failure of an outage: say so once
+            self._outage_errors = self.errors - 1
+            log.warning(
+                "apc_remote_unavailable", op=op, error=str(exc), errors=self.errors, **fields
+            )
+        else:
+            log.debug(f"apc_remote_{op}_failed", error=str(exc), errors=self.errors, **fields)
+
+    def _succeeded(self) -> None:
+        if self._outage_errors is not None:
+            failed = self.errors - self._outage_errors
+            self._outage_errors = None
+            log.info("apc_remote_recovered", failed_calls=failed, errors=self.errors)
 
     def discard(self) -> int:
         """Drop the queued writes (a reset: what was reset must not come back); returns how
