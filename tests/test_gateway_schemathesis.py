@@ -35,12 +35,8 @@ from schemathesis.specs.openapi import checks as openapi_checks  # noqa: E402
 from services.gateway.app import create_app  # noqa: E402
 from services.gateway.config import GatewayConfig  # noqa: E402
 from services.gateway.messages import ROLES  # noqa: E402
-from services.gateway.schemas import (  # noqa: E402
-    CHAT_EXAMPLES,
-    CHAT_ROLES,
-    DEMO_MODEL,
-    RESPONSE_EXAMPLES,
-)
+from services.gateway.openapi_doc import CHAT_EXAMPLES, DEMO_MODEL, RESPONSE_EXAMPLES  # noqa: E402
+from services.gateway.schemas import CHAT_ROLES  # noqa: E402
 from services.gateway.testing import FakeDecoder, FakeEncoder, FakeServer, model_info  # noqa: E402
 
 KEY = "sk-schemathesis"

@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
+from services.gateway import openapi_doc as D
 from services.gateway import schemas as S
 from services.gateway.auth import api_key_dependency
 from services.gateway.backends import BackendPools
@@ -85,7 +86,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = doc.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
-        for name, schema in S.openapi_components(
+        for name, schema in D.openapi_components(
             S.ChatCompletionRequest, S.ResponsesRequest, CacheResetBody
         ).items():
             if schemas.get(name, schema) != schema:
@@ -157,15 +158,15 @@ def create_app(
     ]
     for prefix in ("/v1", ""):
         for path, endpoint, method in routes:
-            # S.route_openapi: what the route takes and answers, for the OpenAPI document
+            # D.route_openapi: what the route takes and answers, for the OpenAPI document
             # (the handlers parse their bodies themselves, so FastAPI can infer none of it).
             app.add_api_route(
                 prefix + path,
                 endpoint,
                 methods=[method],
                 dependencies=auth,
-                **S.route_openapi(path),
+                **D.route_openapi(path),
             )
-        app.add_api_route(f"{prefix}/health", health, methods=["GET"], **S.route_openapi("/health"))
+        app.add_api_route(f"{prefix}/health", health, methods=["GET"], **D.route_openapi("/health"))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
