@@ -153,9 +153,8 @@ def test_hostile_schemas_refused_and_the_stack_stays_healthy(stack: Stack) -> No
     for name, r in replies.items():
         assert r.status_code == 400, (name, r.text)
         err = r.json()["error"]
-        # (param: the decoder's InvalidRequestError carries "response_format", but the gRPC
-        # error mapping does not bring it back to the gateway, so it is not checked here.)
-        assert err["type"] == "invalid_request_error", (name, err)
+        # The decoder names the field; its trailing metadata brings `param` back over gRPC.
+        assert err["type"] == "invalid_request_error" and err["param"] == "response_format"
         assert HOSTILE[name][1] in err["message"], (name, err)
     assert health and set(health) == {200}, health
     # Still serving: ready, the decoder alive, a constrained request (recursive schema too)

@@ -17,7 +17,7 @@ from shared.errors import (
     MissingFeaturesError,
     PrismError,
 )
-from shared.rpc.interceptors import answered_by_service
+from shared.rpc.interceptors import answered_by_service, error_param
 
 
 def rpc_error(err: grpc.aio.AioRpcError, backend: Backend, pools: BackendPools) -> PrismError:
@@ -33,7 +33,7 @@ def rpc_error(err: grpc.aio.AioRpcError, backend: Backend, pools: BackendPools) 
                 return MissingFeaturesError([k for k in str(value).split(",") if k])
         return InvalidRequestError(details)
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
-        return InvalidRequestError(details)
+        return InvalidRequestError(details, param=error_param(err))
     if code == grpc.StatusCode.NOT_FOUND:
         return ModelNotFoundError(details, param="model")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

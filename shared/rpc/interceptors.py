@@ -28,16 +28,23 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 # Trailing metadata on every status a servicer chose: the process answered, so a caller can tell
 # "this service is up but something behind it is not" (UNAVAILABLE with it) from a dead peer.
 ORIGIN_KEY, ORIGIN_SERVICE = "prism-error-origin", "service"
+PARAM_KEY = "prism-error-param"  # the request field an error names, for OpenAI's `param`
 
 
 def answered_by_service(err: grpc.aio.AioRpcError) -> bool:
     return (ORIGIN_KEY, ORIGIN_SERVICE) in tuple(err.trailing_metadata() or ())
 
 
+def error_param(err: grpc.aio.AioRpcError) -> str | None:
+    return next((str(v) for k, v in err.trailing_metadata() or () if k == PARAM_KEY), None)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     trailing = [(ORIGIN_KEY, ORIGIN_SERVICE)]
     if isinstance(exc, MissingFeaturesError):
         trailing.append((exc.metadata_key, ",".join(exc.keys)))
+    if isinstance(exc, PrismError) and exc.param:
+        trailing.append((PARAM_KEY, exc.param))
     context.set_trailing_metadata(tuple(trailing))
     if isinstance(exc, PrismError):
         # A cache miss (NOT_FOUND) is an answer, not a refusal worth a log line at info.
