@@ -84,13 +84,32 @@ class CacheClient:
         self, key: str, *, namespace: str = "features", request_id: str = ""
     ) -> dict[str, mx.array] | None:
         """The tensors stored under `key`, or None when the cache does not hold it."""
-        request = cache_pb2.GetRequest(key=key, namespace=namespace)
+        found = await self._get(cache_pb2.GetRequest(key=key, namespace=namespace), request_id)
+        return None if found is None else _split(found[0], b"".join(found[1]))
+
+    async def head(
+        self, key: str, *, namespace: str = "features", request_id: str = ""
+    ) -> cache_pb2.EntryHeader | None:
+        """The header stored under `key` (tensor specs and metadata, no data), or None when the
+        cache does not hold it. Counts in the cache's stats as one lookup, like `get`."""
+        request = cache_pb2.GetRequest(key=key, namespace=namespace, header_only=True)
+        found = await self._get(request, request_id)
+        return None if found is None else found[0]
+
+    async def _get(
+        self, request: cache_pb2.GetRequest, request_id: str
+    ) -> tuple[cache_pb2.EntryHeader, list[bytes]] | None:
+        """One Get stream: (header, data chunks), or None on NOT_FOUND. With `header_only`,
+        data a cache streams anyway (one too old to know the flag) is not read."""
         header, parts = None, []
         try:
             call = self.stub.Get(request, timeout=self.timeout, metadata=_rid(request_id))
             async for chunk in call:
                 if chunk.WhichOneof("part") == "header":
                     header = chunk.header
+                elif request.header_only:
+                    call.cancel()
+                    break
                 else:
                     parts.append(chunk.data)
         except grpc.aio.AioRpcError as exc:
@@ -99,30 +118,7 @@ class CacheClient:
             raise _translate(exc, self.address) from exc
         if header is None:
             raise PrismError(f"cache {self.address}: Get stream without a header")
-        return _split(header, b"".join(parts))
-
-    async def head(
-        self, key: str, *, namespace: str = "features", request_id: str = ""
-    ) -> cache_pb2.EntryHeader | None:
-        """The header stored under `key` (tensor specs and metadata, no data), or None when the
-        cache does not hold it. Counts in the cache's stats as one lookup, like `get`."""
-        request = cache_pb2.GetRequest(key=key, namespace=namespace, header_only=True)
-        header = None
-        try:
-            call = self.stub.Get(request, timeout=self.timeout, metadata=_rid(request_id))
-            async for chunk in call:
-                if chunk.WhichOneof("part") == "header":
-                    header = chunk.header
-                else:  # a cache too old to know header_only streams the data too: not wanted
-                    call.cancel()
-                    break
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise _translate(exc, self.address) from exc
-        if header is None:
-            raise PrismError(f"cache {self.address}: Get stream without a header")
-        return header
+        return header, parts
 
     async def contains(
         self, keys: list[str], *, namespace: str = "features", request_id: str = ""

@@ -88,6 +88,11 @@ def _wrap_stream(fn: Callable[..., AsyncIterator[Any]], method: str) -> Callable
     return wrapper
 
 
+def is_infrastructure(method: str) -> bool:
+    """Health and reflection: no request id, nothing downstream, not worth wrapping."""
+    return method.startswith(("/grpc.health", "/grpc.reflection"))
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
@@ -95,7 +100,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+        if handler is None or is_infrastructure(details.method):
             return handler
         method = details.method
         if handler.unary_unary:

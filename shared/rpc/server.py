@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.rpc.channels import SERVER_OPTIONS, bind_deadline
-from shared.rpc.interceptors import ServiceInterceptor
+from shared.rpc.interceptors import ServiceInterceptor, is_infrastructure
 
 log = structlog.get_logger("server")
 
@@ -35,7 +35,7 @@ class DeadlineInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         # Health and reflection call nothing downstream (and Watch is no async generator).
-        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+        if handler is None or is_infrastructure(details.method):
             return handler
         if handler.unary_unary:
             return handler._replace(unary_unary=_bind_unary(handler.unary_unary))
