@@ -47,6 +47,9 @@ STREAMS, CANCELLED = 100, 10
 LOAD_TOKENS = 8  # per surviving stream: 2 slow CPU cores decode all of them at once
 VICTIM_TOKENS = 2_000  # a cancelled stream could only end early by being cancelled
 REQUEST_TIMEOUT_S = 3.0  # deadline_stack's gateway --request-timeout
+# What "bounded by the request" may read over it: deadlines are rounded on the wire and a busy
+# host notices a cancel late. The alternative it rules out is the clients' own 30 s timeout.
+SLACK_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -295,9 +298,8 @@ def _cache_calls(proxy: HangingCache, rid: str) -> list[tuple[str, float | None]
 
 
 def _within_the_request(calls: list[tuple[str, float | None]]) -> bool:
-    """Each call carried this request's remaining time, not a timeout of its own (30 s). The
-    wire rounds a deadline to whole units, so one may read a few milliseconds over."""
-    return all(left is not None and 0 < left <= REQUEST_TIMEOUT_S + 0.1 for _, left in calls)
+    """Each call carried this request's remaining time, not a timeout of its own (30 s)."""
+    return all(left is not None and 0 < left <= REQUEST_TIMEOUT_S + SLACK_S for _, left in calls)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -339,7 +341,7 @@ def test_deadline_shorter_than_the_encode(
     error = {"message": "request timed out", "type": "timeout", "param": None, "code": "timeout"}
     assert reply.json() == {"error": error}  # OpenAI's error shape
     assert REQUEST_TIMEOUT_S - 0.1 < elapsed < REQUEST_TIMEOUT_S + 3, elapsed
-    assert held < REQUEST_TIMEOUT_S, held
+    assert held < REQUEST_TIMEOUT_S + SLACK_S, held
 
     # The lookup (header-only Get) and the Put both had less than the request's timeout left.
     calls = _cache_calls(hanging_cache, rid)
