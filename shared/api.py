@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.media.types import ProcessedPrompt
+from shared.models.kv_quant import KVQuantConfig
 from shared.runtime import generate as _gen
 from shared.runtime.generate import GenerationChunk
 from shared.runtime.loaded import ALL_COMPONENTS, Component, LoadedModel, load_model
@@ -48,10 +49,12 @@ def build_messages(
     images: Sequence[Any] = (),
     videos: Sequence[Any] = (),
     system: str | None = None,
+    audios: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
     """One user turn with media first, then text (the order Qwen's examples use)."""
     parts: list[dict[str, Any]] = [{"type": "image", "image": img} for img in images]
     parts += [{"type": "video", "video": vid} for vid in videos]
+    parts += [{"type": "audio", "audio": clip} for clip in audios]
     parts.append({"type": "text", "text": prompt})
     messages: list[dict[str, Any]] = []
     if system:
@@ -67,12 +70,15 @@ def _prompt(
     images: Sequence[Any],
     videos: Sequence[Any],
     system: str | None,
+    audios: Sequence[Any] = (),
 ) -> ProcessedPrompt:
     if isinstance(prompt, ProcessedPrompt):
         return prompt
     messages = prompt if isinstance(prompt, list) else None
     if messages is None:
-        messages = build_messages(prompt, images=images, videos=videos, system=system)
+        messages = build_messages(
+            prompt, images=images, videos=videos, system=system, audios=audios
+        )
     return model.processor(messages)
 
 
@@ -82,6 +88,7 @@ def stream_generate(
     *,
     images: Sequence[Any] = (),
     videos: Sequence[Any] = (),
+    audios: Sequence[Any] = (),
     system: str | None = None,
     max_tokens: int = 256,
     temperature: float = 0.0,
@@ -89,17 +96,20 @@ def stream_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     seed: int | None = None,
+    kv_quant: KVQuantConfig | None = None,
 ) -> Iterator[GenerationChunk]:
     """Yield text deltas as they are produced; the last chunk has `finish_reason` and stats.
 
     `prompt` is a user message string, a list of chat messages (OpenAI-style content parts),
-    or an already processed prompt.
+    or an already processed prompt. `kv_quant`: quantize / window the decode KV cache.
     """
     params = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
     )
-    processed = _prompt(model, prompt, images, videos, system)
-    yield from _gen.stream_generate(model, processed, max_tokens=max_tokens, sampling=params)
+    processed = _prompt(model, prompt, images, videos, system, audios)
+    yield from _gen.stream_generate(
+        model, processed, max_tokens=max_tokens, sampling=params, kv_quant=kv_quant
+    )
 
 
 def generate(model: LoadedModel, prompt: str | list[dict[str, Any]], **kwargs: Any) -> str:

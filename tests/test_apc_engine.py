@@ -61,8 +61,8 @@ def setup(checkpoint_factory):
         for name, messages in PROMPTS.items():
             prompt = full.processor(messages)
             features = encode_media(full, prompt.media)
-            mx.eval(features)
-            keys = [hashlib.sha256(np.asarray(f).tobytes()).hexdigest() for f in features]
+            mx.eval([f.tensors() for f in features])
+            keys = [hashlib.sha256(np.asarray(f.features).tobytes()).hexdigest() for f in features]
             prepared[name] = (prompt, features, keys)
         return load(path, components=["language"]), prepared
 
@@ -80,7 +80,7 @@ def request(engine: DecoderEngine, setup, name: str, tenant: str = "") -> Engine
     model, prepared = setup
     prompt, features, content_keys = prepared[name]
     pads = [model.processor.image_token_id, model.processor.video_token_id]
-    items = [(k, f.shape[0]) for k, f in zip(content_keys, features, strict=True)]
+    items = [(k, f.rows) for k, f in zip(content_keys, features, strict=True)]
     spans = media_spans(prompt.input_ids, pads, items)
     return EngineRequest(
         name, prompt, features, max_tokens=12, ignore_eos=True,

@@ -21,6 +21,7 @@ from PIL import Image
 from services.decoder.engine import DecoderEngine, Delta, EngineRequest, Finish
 from shared.api import load, stream_generate
 from shared.media.types import ProcessedPrompt
+from shared.models.base import MediaFeatures
 from shared.runtime import mlx_thread
 from shared.runtime.generate import encode_media
 
@@ -30,7 +31,7 @@ BUDGET, ROWS = 32, 8
 @dataclass
 class Case:
     prompt: ProcessedPrompt
-    features: list[mx.array]
+    features: list[MediaFeatures]
     max_tokens: int
     tokens: list[int] | None = None  # run alone through the engine
     text: str = ""
@@ -60,7 +61,7 @@ def setup(checkpoint_factory) -> tuple:
         for i in range(16):
             prompt = full.processor(messages(i))
             features = encode_media(full, prompt.media)
-            mx.eval(features)
+            mx.eval([f.tensors() for f in features])
             cases.append(Case(prompt, features, max_tokens=24 + (i * 5) % 24))
         api = {  # the in-process path, for a short, a long and an image prompt
             i: [

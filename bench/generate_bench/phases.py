@@ -38,7 +38,7 @@ for rep in range(int(repeats) + 1):  # the first pass warms up and is not printe
     t0 = time.perf_counter()
     p = model.processor(messages)
     t1 = time.perf_counter()
-    feats = G.encode_media(model, p.media); mx.eval(feats)
+    feats = G.encode_media(model, p.media); mx.eval([f.tensors() for f in feats])
     t2 = time.perf_counter()
     inputs = G.prepare_inputs(model, p, feats)
     mx.eval([x for x in (inputs.input_embeddings, inputs.position_ids) if x is not None])

@@ -48,7 +48,7 @@ class Run:
 # `prism` with torch made unimportable, as in a runtime install without the test extras
 # (transformers imports torch whenever it is installed).
 PRISM_NO_TORCH = (
-    "import sys; sys.modules['torch'] = None; from shared.cli import main; sys.exit(main())"
+    "import sys; sys.modules['torch'] = None; from services.cli import main; sys.exit(main())"
 )
 
 

@@ -12,11 +12,18 @@ from services.cache.client import CacheClient
 from services.common.flags import add_server_flags, env, run_service
 from services.common.models import served_ids
 from services.decoder.apc.remote import RemoteTier
-from services.decoder.config import add_engine_flags, add_prefix_flags, config_from_args
+from services.decoder.config import (
+    add_engine_flags,
+    add_prefix_flags,
+    add_spec_flags,
+    config_from_args,
+    spec_flags_error,
+)
 from services.decoder.engine import DecoderEngine
 from services.decoder.reasoning import add_flags as add_reasoning_flags
 from services.decoder.reasoning import defaults_from_args
 from services.decoder.servicer import add_to_server
+from shared.models.kv_quant.config import from_args as kv_quant_from_args
 from shared.rpc.server import PrismServer
 from shared.runtime import mlx_thread
 from shared.runtime.loaded import load_model
@@ -46,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_engine_flags(p)
     add_prefix_flags(p)
+    add_spec_flags(p)
     add_reasoning_flags(p)
     add_server_flags(p, default_port=50052)
     args = p.parse_args(argv)
@@ -53,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--model (or PRISM_MODEL) is required")
     if args.apc_block_size < 1 or args.apc_num_blocks < 0:
         p.error("--apc-block-size must be >= 1 and --apc-num-blocks >= 0")
+    if error := spec_flags_error(args):
+        p.error(error)
+    try:  # bad KV quantization flags are refused before the model loads
+        kv_quant_from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -73,7 +87,8 @@ async def serve(args: argparse.Namespace) -> None:
         log.info(
             "decoder_ready", model=model_id, max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            kv_cache_tokens=cfg.kv_tokens,
+            kv_cache_tokens=cfg.kv_tokens, kv_cache=cfg.kv_quant.describe(),
+            kv_bytes_per_token=cfg.kv_bytes_per_token,
         )  # fmt: skip
         await server.wait()
     finally:

@@ -73,6 +73,26 @@ class Sampled:
         return [a for a in (self.tokens, self.logprob, self.top_ids, self.top_lps) if a is not None]
 
 
+@dataclass
+class Verified:
+    """One speculative verification's results, on the device until read."""
+
+    tokens: mx.array  # (rows, W) int32: row i emits tokens[i, : accepted[i] + 1]
+    accepted: mx.array  # (rows,) drafts accepted
+    first: Sampled  # position 0 as `sample` gives it (with logprobs for rows that ask)
+
+    def arrays(self) -> list[mx.array]:
+        return [self.tokens, self.accepted, *self.first.arrays()]
+
+
+def _draft_counts(drafts: mx.array, vocab: int) -> mx.array:
+    """(rows * W, V): occurrences of the drafts before each position (0 at position 0)."""
+    rows, k = drafts.shape
+    onehot = (drafts[..., None] == mx.arange(vocab)[None, None, :]).astype(mx.float32)
+    before = mx.concatenate([mx.zeros((rows, 1, vocab)), mx.cumsum(onehot, axis=1)], axis=1)
+    return before.reshape(rows * (k + 1), vocab)
+
+
 class BatchSampler:
     def __init__(self, max_slots: int, vocab: int, top_logprobs_k: int = 0) -> None:
         self.vocab, self.top_logprobs_k = vocab, top_logprobs_k
@@ -142,27 +162,95 @@ class BatchSampler:
         sequence's token number `index[i]`. Only `live` rows update the penalty counts;
         `masks` maps a row to its allowed-token mask (constraints)."""
         raw = logits.astype(mx.float32)
+        x = self._process(raw, slots, index, masks)
+        tokens = self._choose(x, slots, index)
+        if self._counts is not None:
+            alive = slots if live is None else slots[live]
+            picked = tokens if live is None else tokens[mx.array(np.flatnonzero(live))]
+            self._counts = self._counts.at[mx.array(alive), picked].add(1.0)
+        return self._logprobs(raw, tokens, slots)
+
+    def verify(
+        self,
+        logits: mx.array,
+        slots: np.ndarray,
+        index: np.ndarray,
+        drafts: mx.array,
+        caps: np.ndarray,
+        masks: dict[int, np.ndarray] | None = None,
+        q: mx.array | None = None,
+        sampled_q: np.ndarray | None = None,
+    ) -> Verified:
+        """Check each row's drafts against the target (speculative decoding).
+
+        logits: (rows, W, V), position j of row i being token number index[i] + j given the
+        row's drafts before it; drafts: (rows, W - 1); caps: (rows,) real drafts per row.
+        Position j is processed exactly as `sample` would process that token (penalties
+        counting the drafts before it, bias, bans, masks, temperature, filters, seed).
+        Rows with q (drafts drawn from the drafter's distribution, `sampled_q`) follow
+        `spec.rejection`; the others have one-hot q: the row's own sample at each position,
+        accepted while it equals the draft. Penalty counts are left to `count` (the caller
+        knows which tokens were emitted).
+        """
+        rows, width, vocab = logits.shape
+        flat_slots = np.repeat(slots, width)
+        flat_index = (index[:, None] + np.arange(width)[None, :]).reshape(-1)
+        raw = logits.astype(mx.float32)
+        extra = None
+        if width > 1 and self._counts is not None and self.penalised[slots].any():
+            extra = _draft_counts(drafts, vocab)
+        flat_masks = {r * width: m for r, m in masks.items()} if masks else None
+        x = self._process(raw.reshape(-1, vocab), flat_slots, flat_index, flat_masks, extra)
+        tokens = self._choose(x, flat_slots, flat_index).reshape(rows, width)
+        match = (tokens[:, :-1] == drafts) & (
+            mx.arange(width - 1)[None, :] < mx.array(caps)[:, None]
+        )
+        accepted = mx.cumprod(match.astype(mx.int32), axis=1).sum(axis=1)
+        if q is not None and sampled_q is not None and sampled_q.any():
+            from services.decoder.spec import rejection  # the spec package builds on this one
+
+            temp = self.temp[flat_slots]
+            p = mx.exp(self._target_lp(x, flat_slots, temp)).reshape(rows, width, vocab)
+            toks_q, acc_q = rejection.verify(p, q, drafts, mx.array(caps), self.seed[slots], index)
+            use = mx.array(sampled_q)
+            tokens = mx.where(use[:, None], toks_q, tokens)
+            accepted = mx.where(use, acc_q, accepted)
+        first = self._logprobs(raw[:, 0], tokens[:, 0], slots)
+        return Verified(tokens, accepted, first)
+
+    def count(self, slots: np.ndarray, tokens: np.ndarray) -> None:
+        """Add emitted tokens to the penalty counts (speculative steps, after verifying)."""
+        if self._counts is not None and len(slots):
+            self._counts = self._counts.at[mx.array(slots), mx.array(tokens)].add(1.0)
+
+    def _process(
+        self,
+        raw: mx.array,
+        slots: np.ndarray,
+        index: np.ndarray,
+        masks: dict[int, np.ndarray] | None,
+        extra: mx.array | None = None,
+    ) -> mx.array:
+        """Penalties, bias, min_tokens bans and constraint masks on (rows, V) fp32 logits."""
         x = raw
         if self.penalised[slots].any():
-            x = self._penalise(x, slots)
+            x = self._penalise(x, slots, extra)
         x = self._bias(x, slots)
         x = self._ban(x, slots, index)
         if masks:  # adding 0 keeps a value exactly; -inf removes it (never touches `raw`)
             rows = mx.array(list(masks))
             allowed = mx.array(np.stack(list(masks.values())))
             x = x.at[rows].add(mx.where(allowed, 0.0, -mx.inf))
+        return x
+
+    def _choose(self, x: mx.array, slots: np.ndarray, index: np.ndarray) -> mx.array:
         temp = self.temp[slots]
         greedy = mx.argmax(x, axis=-1)
         tokens = greedy
         if (temp > 0).any():
             drawn = self._draw(x, slots, index, temp)
             tokens = drawn if (temp > 0).all() else mx.where(mx.array(temp > 0), drawn, greedy)
-        tokens = tokens.astype(mx.int32)
-        if self._counts is not None:
-            alive = slots if live is None else slots[live]
-            picked = tokens if live is None else tokens[mx.array(np.flatnonzero(live))]
-            self._counts = self._counts.at[mx.array(alive), picked].add(1.0)
-        return self._logprobs(raw, tokens, slots)
+        return tokens.astype(mx.int32)
 
     def _start_penalties(self, slot: int, prompt_ids: list[int]) -> None:
         rows = len(self.temp)
@@ -174,10 +262,12 @@ class BatchSampler:
         self._counts[slot] = mx.zeros((self.vocab,), mx.float32)
         self._seen[slot] = mx.array(seen)
 
-    def _penalise(self, x: mx.array, slots: np.ndarray) -> mx.array:
+    def _penalise(self, x: mx.array, slots: np.ndarray, extra: mx.array | None) -> mx.array:
         assert self._counts is not None and self._seen is not None
         idx = mx.array(slots)
         counts, seen = self._counts[idx], self._seen[idx]
+        if extra is not None:  # drafted tokens before each verified position count too
+            counts = counts + extra
         rp = mx.array(self.rep[slots])[:, None]
         seen = seen | (counts > 0)
         # Rows without penalties have rp 1 and zero weights: their logits come out unchanged.
@@ -188,10 +278,9 @@ class BatchSampler:
     def _bias(self, x: mx.array, slots: np.ndarray) -> mx.array:
         if not self.bias:
             return x
-        where = dict(zip(slots.tolist(), range(len(slots)), strict=True))
         rows, toks, vals = [], [], []
         for slot, (t, v) in self.bias.items():
-            if (row := where.get(slot, -1)) >= 0:
+            for row in np.flatnonzero(slots == slot):  # a slot has W rows in a verify step
                 rows.append(np.full(len(t), row, np.int32))
                 toks.append(t)
                 vals.append(v)
@@ -214,11 +303,15 @@ class BatchSampler:
     def _draw(
         self, x: mx.array, slots: np.ndarray, index: np.ndarray, temp: np.ndarray
     ) -> mx.array:
+        lp = self._target_lp(x, slots, temp)
+        return mx.argmax(lp + gumbel_noise(self.seed[slots], index, lp.shape[-1]), axis=-1)
+
+    def _target_lp(self, x: mx.array, slots: np.ndarray, temp: np.ndarray) -> mx.array:
+        """The log-probabilities a row samples from: temperature, then top-k/min-p/top-p."""
         t = mx.array(np.where(temp > 0, temp, 1.0).astype(np.float32))[:, None]
         lp = x / t
         lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        lp = self._filter(lp, slots)
-        return mx.argmax(lp + gumbel_noise(self.seed[slots], index, lp.shape[-1]), axis=-1)
+        return self._filter(lp, slots)
 
     def _filter(self, lp: mx.array, slots: np.ndarray) -> mx.array:
         """top-k, min-p and top-p, each keeping a prefix of the sorted order, so together

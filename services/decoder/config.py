@@ -12,6 +12,8 @@ from services.common.flags import env
 from services.decoder.apc.hashing import HASHES
 from services.decoder.apc.prefix import PrefixConfig
 from shared.loading.config import text_config
+from shared.models.kv_quant import KVQuantConfig
+from shared.models.kv_quant import config as kv_quant_flags
 from shared.runtime.loaded import LoadedModel
 
 
@@ -25,6 +27,10 @@ class EngineConfig:
     kv_cache_memory_mb: int = 0  # KV budget in MiB (converted with the model's bytes/token)
     top_logprobs_k: int = 0  # most alternatives a request may ask for (0: only the token's own)
     prefix: PrefixConfig = PrefixConfig()  # automatic prefix caching
+    kv_quant: KVQuantConfig = KVQuantConfig()  # decode KV quantization / window (#7)
+    draft_kind: str = ""  # speculative decoding: draft | ngram | eagle3 ("": from draft_model)
+    draft_model: str = ""  # the drafter's checkpoint (draft, eagle3)
+    num_draft_tokens: int = 4  # tokens drafted per row per step (0: no speculation)
     # Derived by `resolve`:
     vocab_size: int = 0
     kv_tokens: int = 0
@@ -35,13 +41,15 @@ class EngineConfig:
         cfg = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
         text = text_config(model.config)
         max_len = cfg.max_model_len or int(text.get("max_position_embeddings") or 32768)
-        per_token = kv_bytes_per_token(model)
+        per_token = kv_bytes_per_token(model, cfg.kv_quant)
+        if cfg.kv_quant.max_kv_size:
+            check_kv_window(cfg, text)
         if cfg.kv_cache_tokens:
             kv = cfg.kv_cache_tokens
         elif cfg.kv_cache_memory_mb:
             kv = cfg.kv_cache_memory_mb * 2**20 // per_token
-        else:  # the most the batch cache can ever hold: every row at full context
-            kv = cfg.max_num_seqs * max_len
+        else:  # the most the batch cache can ever hold: every row at full context (or window)
+            kv = cfg.max_num_seqs * min(max_len, cfg.kv_quant.max_kv_size or max_len)
         return dataclasses.replace(
             cfg,
             max_model_len=max_len,
@@ -51,18 +59,36 @@ class EngineConfig:
         )
 
 
+def check_kv_window(cfg: EngineConfig, text: dict) -> None:
+    """Refuse, at start-up, what a rotating KV window (--max-kv-size) breaks: rolling back
+    rejected drafts, and masks that find keys by position (sliding-window layers)."""
+    if cfg.draft_kind or cfg.draft_model:
+        raise ValueError("--max-kv-size with speculative decoding: a window cannot roll back")
+    layer_types = " ".join(str(t) for t in text.get("layer_types") or ())
+    if (
+        text.get("use_sliding_window")
+        or text.get("sliding_window_pattern")
+        or "sliding" in layer_types
+    ):
+        raise ValueError("--max-kv-size with a sliding-window model: its masks need key positions")
+
+
 def kv_dtype(model: LoadedModel) -> mx.Dtype:
     """The activations' dtype, which the KV cache holds (the final norm is never quantized)."""
     norm = getattr(getattr(model.language, "model", None), "norm", None)
     return norm.weight.dtype if norm is not None else mx.bfloat16
 
 
-def kv_bytes_per_token(model: LoadedModel) -> int:
-    """Keys + values of every layer for one token, in the activations' dtype."""
+def kv_bytes_per_token(model: LoadedModel, quant: KVQuantConfig | None = None) -> int:
+    """Keys + values of every layer for one token as the decode slots store them: in the
+    activations' dtype, or quantized (codes + scales/norms, `KVQuantConfig.head_token_bytes`).
+    Raises ValueError when `quant` does not fit the model (e.g. head_dim vs group size)."""
     lm = model.language
     assert lm is not None
     n_kv, head_dim = getattr(lm, "n_kv_heads", 1), getattr(lm, "head_dim", 128)
-    return len(lm.layers) * 2 * n_kv * head_dim * kv_dtype(model).size
+    quant = quant or KVQuantConfig()
+    quant.check(head_dim)
+    return quant.bytes_per_token(len(lm.layers), n_kv, head_dim, kv_dtype(model).size)
 
 
 _FLAGS = (  # (flag, default, help); each also reads PRISM_<FLAG IN CAPITALS>
@@ -79,6 +105,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         name = "PRISM_" + flag.removeprefix("--").replace("-", "_").upper()
         value = int(env(name, str(default)) or default)
         parser.add_argument(flag, type=int, default=value, help=f"{text} [{name}]")
+    add_kv_quant_flags(parser)
+
+
+def add_kv_quant_flags(parser: argparse.ArgumentParser) -> None:
+    """--kv-bits, --kv-quant-scheme, --kv-group-size, --max-kv-size; defaults from
+    PRISM_KV_BITS, PRISM_KV_QUANT_SCHEME, PRISM_KV_GROUP_SIZE, PRISM_MAX_KV_SIZE."""
+    base = KVQuantConfig()
+    defaults = KVQuantConfig(
+        bits=float(env("PRISM_KV_BITS", "") or base.bits),
+        scheme=env("PRISM_KV_QUANT_SCHEME", "") or base.scheme,
+        group_size=int(env("PRISM_KV_GROUP_SIZE", "") or base.group_size),
+        max_kv_size=int(env("PRISM_MAX_KV_SIZE", "") or base.max_kv_size),
+    )
+    kv_quant_flags.add_flags(parser, defaults)
 
 
 def add_prefix_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +146,34 @@ def add_prefix_flags(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding (off unless --draft-kind or --draft-model is given)."""
+    parser.add_argument(
+        "--draft-model", default=env("PRISM_DRAFT_MODEL", "") or "",
+        help="drafter checkpoint: a small LM sharing the tokenizer, or an EAGLE-3 speculators "
+        "checkpoint [PRISM_DRAFT_MODEL]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--draft-kind", choices=["draft", "ngram", "eagle3"],
+        default=env("PRISM_DRAFT_KIND", "") or None,
+        help="draft (a draft model), ngram (prompt lookup, no model) or eagle3; default: "
+        "eagle3 or draft from --draft-model's config [PRISM_DRAFT_KIND]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num-draft-tokens", type=int, default=int(env("PRISM_NUM_DRAFT_TOKENS", "4") or 4),
+        help="tokens drafted per sequence per step [PRISM_NUM_DRAFT_TOKENS]",
+    )  # fmt: skip
+
+
+def spec_flags_error(args: argparse.Namespace) -> str:
+    """Why the speculative flags cannot work ("" when they can), before any model loads."""
+    if args.num_draft_tokens < 0:
+        return "--num-draft-tokens must be >= 0"
+    if args.draft_kind in ("draft", "eagle3") and not args.draft_model:
+        return f"--draft-kind {args.draft_kind} needs --draft-model"
+    return ""
+
+
 def prefix_config_from_args(args: argparse.Namespace) -> PrefixConfig:
     return PrefixConfig(args.apc, args.apc_block_size, args.apc_num_blocks, args.apc_hash)
 
@@ -120,4 +188,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_mb=args.kv_cache_memory_mb,
         top_logprobs_k=args.top_logprobs_k,
         prefix=prefix_config_from_args(args),
+        kv_quant=kv_quant_flags.from_args(args),
+        draft_kind=getattr(args, "draft_kind", None) or "",
+        draft_model=getattr(args, "draft_model", "") or "",
+        num_draft_tokens=getattr(args, "num_draft_tokens", 4),
     )

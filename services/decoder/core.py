@@ -6,6 +6,12 @@ queue one batched decode step and the prefill chunks (`runner.BatchRunner`) ->
 while this one computes -> hand the step's events to the event loop in one call. Rows with
 constraints make the host read token n before sampling n+1; the forward pass of step n+1 is
 queued first, so only the sampling waits.
+
+With a drafter (speculative decoding, `services.decoder.spec`) a step that drafts is
+synchronous: the host needs every row's tokens to draft and the accepted counts to go on, so
+the previous step is read first and this one is read before returning. Each row then emits its
+accepted drafts and one more token, consumed one by one (stop strings, EOS and max_tokens end
+the row exactly where plain decoding would).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from services.decoder.batch_sampler import BatchSampler
 from services.decoder.config import EngineConfig, kv_dtype
 from services.decoder.constraints import combined_mask
 from services.decoder.outbox import Outbox
-from services.decoder.runner import BatchRunner
+from services.decoder.runner import BatchRunner, SpecStep
 from services.decoder.scheduler import Scheduler
-from services.decoder.sequence import Pending, Sequence, read_tokens
+from services.decoder.sequence import Pending, Sequence, read_tokens, token_logprob
+from services.decoder.spec import SpecStats, make_drafter
+from services.decoder.types import TokenLogprob
 from shared.runtime.loaded import LoadedModel
 
 log = structlog.get_logger("decoder")
@@ -38,7 +46,11 @@ class EngineCore:
             cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.kv_tokens, self.prefix.match
         )
         sampler = BatchSampler(cfg.max_num_seqs, cfg.vocab_size, cfg.top_logprobs_k)
-        self.runner = BatchRunner(model, cfg.max_num_seqs, sampler, self.prefix)
+        self.drafter = make_drafter(cfg, model)
+        self.runner = BatchRunner(
+            model, cfg.max_num_seqs, sampler, self.prefix, self.drafter, kv_quant=cfg.kv_quant
+        )
+        self.spec = SpecStats()
         self.outbox = Outbox()  # the step's events, handed to the event loop in one call
         self.pending: Pending = []  # sampled, not yet read back
         self.lock = threading.Lock()
@@ -52,30 +64,73 @@ class EngineCore:
         """Drop `cancelled`, then schedule -> queue -> postprocess the previous step."""
         for seq in cancelled:
             self.finish(seq, "cancelled")
-        chunks = self.scheduler.schedule(self.runner.decoding)
+        chunks = self.scheduler.schedule(self.runner.decode_tokens)
         pending, self.pending = self.pending, []
-        decode = self.runner.decode()
         queued: list[mx.array] = []
-        if decode is not None:
-            running = self.scheduler.running
-            rows = [(running[r], r) for r in decode.live.nonzero()[0].tolist()]
-            masks = None
-            if self.runner.constrained[: len(decode.live)][decode.live].any():
-                # Constraints need the last token on the host before masking the next one:
-                # start the forward pass, then read, then sample (the overlap remains).
-                mx.async_eval(decode.logits)
-                self._postprocess(pending)
-                pending, masks = [], self._masks(rows)
-            sampled = self.runner.sample(decode, masks)
-            self.pending.append((rows, sampled))
-            queued += sampled.arrays()
+        spec = None
+        if self.drafter is not None and (self.runner.active & self.runner.drafts).any():
+            self._postprocess(pending)  # drafting needs every row's last token on the host
+            pending = []
+            spec = self._speculate()
+        if spec is not None:
+            queued += spec.verified.arrays()
+        else:
+            pending = self._decode(pending, queued)
         for seq, n in chunks:
             queued += self._prefill(seq, n)
         if queued:
             mx.async_eval(queued)
+        if spec is not None:
+            self._accept(spec)
         self._postprocess(pending)
         self.prefix.flush()  # before Finish reaches anyone: a finished prompt's blocks are sent
         self.outbox.flush()
+
+    def _decode(self, pending: Pending, queued: list[mx.array]) -> Pending:
+        """Queue a plain decode step (one token per row); return what is left to read."""
+        decode = self.runner.decode()
+        if decode is None:
+            return pending
+        running = self.scheduler.running
+        rows = [(running[r], r) for r in decode.live.nonzero()[0].tolist()]
+        masks = None
+        if self.runner.constrained[: len(decode.live)][decode.live].any():
+            # Constraints need the last token on the host before masking the next one:
+            # start the forward pass, then read, then sample (the overlap remains).
+            mx.async_eval(decode.logits)
+            self._postprocess(pending)
+            pending, masks = [], self._masks(rows)
+        sampled = self.runner.sample(decode, masks)
+        self.pending.append((rows, sampled))
+        queued += sampled.arrays()
+        return pending
+
+    def _speculate(self) -> SpecStep | None:
+        running = self.scheduler.running
+        rows = [(running[r], r) for r in np.flatnonzero(self.runner.active).tolist()]
+        masks = self._masks(rows) if any(seq.constrained for seq, _ in rows) else None
+        return self.runner.speculate(rows, masks)
+
+    def _accept(self, step: SpecStep) -> None:
+        """Read the verification, advance the runner, then hand each row its tokens."""
+        tokens = np.array(step.verified.tokens)
+        accepted = np.array(step.verified.accepted).astype(np.int64)
+        accepted = np.where(step.live, accepted, 0)
+        self.runner.commit(step, tokens, accepted)
+        self.spec.record(step.proposal.counts, accepted, step.live)
+        first = _first_logprobs(step)
+        for seq, row in step.rows:
+            for j in range(int(accepted[row]) + 1):
+                if seq.done:
+                    break
+                seq.accepted_drafts += j < accepted[row]  # tokens 0..a-1 were drafts
+                logprob = first(seq, row) if j == 0 else None
+                try:
+                    reason = seq.consume(int(tokens[row, j]), logprob)
+                except Exception as exc:  # noqa: BLE001 - e.g. a constraint: fails its request
+                    reason = self._failed(seq, exc)
+                if reason:
+                    self.finish(seq, reason)
 
     def _prefill(self, seq: Sequence, n: int) -> list[mx.array]:
         if not seq.admitted_ns:
@@ -153,3 +208,21 @@ class EngineCore:
             self.totals[2] += 1
             seq.log_finish(finish)
         self.outbox.add(seq.handle, finish)
+
+
+def _first_logprobs(step: SpecStep):  # noqa: ANN202 - a small closure
+    """Logprobs of position 0 (rows that ask never draft, so it is their only token)."""
+    first = step.verified.first
+    if first.logprob is None:
+        return lambda seq, row: None
+    chosen, tokens = first.logprob.tolist(), first.tokens.tolist()
+    ids = first.top_ids.tolist() if first.top_ids is not None else None
+    lps = first.top_lps.tolist() if first.top_lps is not None else None
+
+    def read(seq: Sequence, row: int) -> TokenLogprob | None:
+        if seq.logprobs < 0:
+            return None
+        top = (ids[row], lps[row]) if ids is not None and lps is not None else (None, None)
+        return token_logprob(tokens[row], chosen[row], *top, seq.logprobs)
+
+    return read

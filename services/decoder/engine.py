@@ -98,6 +98,9 @@ class DecoderEngine:
             generation_tokens_total=totals[1],
             requests_total=totals[2],
             kv_usage=kv.used / kv.capacity if kv.capacity else 0.0,
+            spec_num_drafts=self.core.spec.steps,
+            spec_num_draft_tokens=self.core.spec.drafted,
+            spec_num_accepted_tokens=self.core.spec.accepted,
         )
 
     def submit(self, request: EngineRequest) -> RequestHandle:
@@ -115,6 +118,8 @@ class DecoderEngine:
         eos = frozenset() if request.ignore_eos else self.model.eos_token_ids
         ends = eos | request.stop_token_ids
         seq = Sequence(handle, request, max_tokens, ends, self.model.tokenizer, self.core.outbox)
+        if window := self.config.kv_quant.max_kv_size:  # the slot never holds more than that
+            seq.reserved = min(seq.reserved, window)
         self._inbox.put(seq)
         return handle
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 from prism.v1 import common_pb2, decoder_pb2
 
@@ -20,9 +19,12 @@ from services.decoder.apc.hashing import media_spans
 from services.decoder.apc.prefix import PrefixCache
 from shared.errors import InvalidRequestError
 from shared.media.types import MediaInput, ProcessedPrompt
+from shared.models.base import MediaFeatures
 from shared.runtime.loaded import LoadedModel
 
 _NO_PIXELS = np.zeros((0, 0), dtype=np.float32)
+# Processor attributes holding media placeholder token ids (those the processor has).
+_PAD_ATTRS = ("image_token_id", "video_token_id", "audio_token_id")
 
 
 def media_refs(request: decoder_pb2.GenerateRequest) -> list[common_pb2.MediaFeatureRef]:
@@ -48,9 +50,9 @@ def check_modalities(
 def build_prompt(
     model: LoadedModel,
     request: decoder_pb2.GenerateRequest,
-    features: dict[str, mx.array],
+    features: dict[str, MediaFeatures],
     template_kwargs: dict[str, Any] | None = None,
-) -> tuple[ProcessedPrompt, list[mx.array]]:
+) -> tuple[ProcessedPrompt, list[MediaFeatures]]:
     """template_kwargs: chat-template variables (default: the request's chat_template_kwargs)."""
     refs = media_refs(request)
     media = [_media_input(ref, features, getattr(model.processor, "merge_size", 2)) for ref in refs]
@@ -145,27 +147,40 @@ def _tool_call(call: Any) -> Any:
 
 
 def _media_input(
-    ref: common_pb2.MediaFeatureRef, features: dict[str, mx.array], merge: int
+    ref: common_pb2.MediaFeatureRef, features: dict[str, MediaFeatures], merge: int
 ) -> MediaInput:
     grid = tuple(int(g) for g in ref.grid)
     name = modality_name(ref.modality)
-    if len(grid) != 3 or min(grid) <= 0:
+    if name == "audio":
+        item = _audio_input(ref, grid)
+    elif len(grid) not in (3, 5) or min(grid[:3]) <= 0:  # 5: SmolVLM's (t, h, w, rows, cols)
         raise InvalidRequestError(f"media {ref.content_key}: grid must be (t, h, w), got {grid}")
-    spg = (ref.seconds_per_grid or None) if name == "video" else None
-    item = MediaInput(name, _NO_PIXELS, grid, seconds_per_grid=spg)  # type: ignore[arg-type]
-    rows = features[ref.content_key].shape[0]
-    if not item.num_tokens(merge) == ref.num_tokens == rows:
+    else:
+        spg = (ref.seconds_per_grid or None) if name == "video" else None
+        item = MediaInput(name, _NO_PIXELS, grid, seconds_per_grid=spg)  # type: ignore[arg-type]
+    rows = {n: t.shape[0] for n, t in features[ref.content_key].tensors().items()}
+    if not item.num_tokens(merge) == ref.num_tokens == rows["features"]:
         raise InvalidRequestError(
             f"media {ref.content_key}: grid {grid} gives {item.num_tokens(merge)} tokens, the "
-            f"ref says {ref.num_tokens} and the cached features have {rows} rows"
+            f"ref says {ref.num_tokens} and the cached features have {rows['features']} rows"
         )
+    if len(set(rows.values())) != 1:
+        raise InvalidRequestError(f"media {ref.content_key}: cached tensors differ in rows {rows}")
     return item
+
+
+def _audio_input(ref: common_pb2.MediaFeatureRef, grid: tuple[int, ...]) -> MediaInput:
+    """Audio refs carry (mel frames,); how many tokens that makes is the model's rule, so the
+    ref's count is taken and checked against the cached rows."""
+    if len(grid) != 1 or grid[0] <= 0:
+        raise InvalidRequestError(f"media {ref.content_key}: audio grid must be (frames,): {grid}")
+    return MediaInput("audio", _NO_PIXELS, grid, tokens=int(ref.num_tokens))
 
 
 def _check_placeholders(
     model: LoadedModel, ids: list[int], refs: list[common_pb2.MediaFeatureRef]
 ) -> None:
-    pads = [getattr(model.processor, a, None) for a in ("image_token_id", "video_token_id")]
+    pads = [getattr(model.processor, a, None) for a in _PAD_ATTRS]
     pads = [p for p in pads if p is not None]
     slots = int(np.isin(np.asarray(ids), pads).sum()) if pads else 0
     expected = sum(r.num_tokens for r in refs)
@@ -184,7 +199,7 @@ def prefix_keys(
     """The prompt's APC block keys: its tokens, its media's content keys, the tenant salt."""
     if not prefix.enabled:
         return []
-    pads = [getattr(model.processor, a, None) for a in ("image_token_id", "video_token_id")]
+    pads = [getattr(model.processor, a, None) for a in _PAD_ATTRS]
     items = [(r.content_key, r.num_tokens) for r in media_refs(request)]
     try:
         spans = media_spans(prompt.input_ids, [p for p in pads if p is not None], items)

@@ -17,9 +17,10 @@ import mlx.core as mx
 import numpy as np
 
 from services.decoder.apc.prefix import PrefixCache
-from services.decoder.batch_sampler import BatchSampler, Sampled
+from services.decoder.batch_sampler import BatchSampler, Sampled, Verified
 from services.decoder.sequence import Sequence
-from shared.models.batch_cache import make_batch_caches
+from services.decoder.spec.base import Drafter, Proposal, drafter_on
+from shared.models.kv_quant import KVQuantConfig, make_batch_caches
 from shared.runtime.generate import forward_span, prepare_inputs
 from shared.runtime.loaded import LoadedModel
 
@@ -33,15 +34,34 @@ class DecodeStep:
     index: np.ndarray  # (rows,) each row's output token number
 
 
+@dataclass
+class SpecStep:
+    """A queued speculative step: each row's last token + its drafts in one forward pass."""
+
+    verified: Verified
+    proposal: Proposal
+    live: np.ndarray  # (rows,) bool: rows whose tokens anybody will read
+    rows: list[tuple[Sequence, int]]  # the decoding sequences and their rows
+    aux: list[mx.array]  # EAGLE-3: the target's captured hidden states, (rows, W, H) each
+
+
 class BatchRunner:
     def __init__(
-        self, model: LoadedModel, max_slots: int, sampler: BatchSampler, prefix: PrefixCache
+        self,
+        model: LoadedModel,
+        max_slots: int,
+        sampler: BatchSampler,
+        prefix: PrefixCache,
+        drafter: Drafter | None = None,
+        kv_quant: KVQuantConfig | None = None,
     ) -> None:
         assert model.language is not None
         self.model, self.lm, self.sampler = model, model.language, sampler
         self.prefix = prefix
         self.max_slots = max_slots
-        self.layout, self.caches = make_batch_caches(len(self.lm.layers))
+        # Quantized / windowed slot caches (#7); prefill stays on full-precision KVCache.
+        kv_cfg = kv_quant or KVQuantConfig()
+        self.layout, self.caches = make_batch_caches(len(self.lm.layers), kv_cfg)
         self.occupied = np.zeros(max_slots, bool)
         self.active = np.zeros(max_slots, bool)
         self.lengths = np.zeros(max_slots, np.int64)  # valid KV tokens per slot
@@ -49,12 +69,27 @@ class BatchRunner:
         self.index = np.zeros(max_slots, np.int64)  # tokens sampled so far per slot
         self.limit = np.zeros(max_slots, np.int64)  # max_tokens per slot
         self.constrained = np.zeros(max_slots, bool)  # rows whose host must mask each token
+        self.drafter = drafter  # speculative decoding (None: off)
+        self.drafts = np.zeros(max_slots, bool)  # rows that may draft (see `start`)
+        self.draft_cap = np.zeros(max_slots, np.int64)  # drafts per step per row (request's)
+        # EAGLE-3 reads the target's hidden states entering a few layers, every forward pass.
+        self.taps: tuple[int, ...] = getattr(drafter, "aux_layers", ())
+        if self.taps:
+            self.lm.model.capture(self.taps)  # type: ignore[attr-defined]
         self.tokens: mx.array | None = None  # last sampled token per row
         self._joins: dict[int, mx.array] = {}  # slot -> first token, joining next step
 
     @property
     def decoding(self) -> int:
         return int(self.active.sum())
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens the decoding rows take from a step's budget: 1 each, plus the drafts a
+        drafting row may verify."""
+        k = getattr(self.drafter, "k", 0)
+        drafting = self.active & self.drafts
+        return self.decoding + int(np.minimum(self.draft_cap[drafting], k).sum())
 
     def start(self, seq: Sequence) -> None:
         """Admission: embed the prompt (media merged), make its prefill cache and slot."""
@@ -70,6 +105,12 @@ class BatchRunner:
         self.lengths[slot] = self.index[slot] = 0
         self.deltas[slot], self.limit[slot] = seq.inputs.rope_delta, seq.max_tokens
         self.constrained[slot] = seq.constrained
+        # Constrained rows need the host's mask before every token, and logprob rows one
+        # report per token: both decode without drafting (in the same batch).
+        self.drafts[slot] = (
+            drafter_on(self.drafter) and req.speculative and not seq.constrained
+        ) and seq.logprobs < 0
+        self.draft_cap[slot] = req.num_draft_tokens or getattr(self.drafter, "k", 0)
 
     def prefill(self, seq: Sequence, n: int) -> mx.array | None:
         """Queue the next `n` prompt tokens; the last position's logits once the prompt is
@@ -80,14 +121,22 @@ class BatchRunner:
         """
         inputs, cache = seq.inputs, seq.cache
         assert inputs is not None and cache is not None
-        start, end = seq.prefilled, seq.prefilled + n
+        # A chunk may run past the scheduler's `n` to an image's end (`chunk_end`, Gemma 3).
+        start, end = seq.prefilled, inputs.chunk_end(seq.prefilled + n)
         seq.prefilled = end
         if end < seq.prompt_len:
-            forward_span(self.lm, inputs, cache, start, end)
+            self._span(seq, start, end)
             return None
         if end - start > 1:
-            forward_span(self.lm, inputs, cache, start, end - 1)
-        return forward_span(self.lm, inputs, cache, end - 1, end)
+            self._span(seq, start, end - 1)
+        return self._span(seq, end - 1, end)
+
+    def _span(self, seq: Sequence, start: int, end: int) -> mx.array:
+        assert seq.inputs is not None and seq.cache is not None
+        logits = forward_span(self.lm, seq.inputs, seq.cache, start, end)
+        if self.taps and self.drafts[seq.slot]:  # EAGLE-3 drafts from the prompt's states too
+            self.drafter.prefill_chunk(seq.slot, self.lm.model.captured)  # type: ignore[union-attr]
+        return logits
 
     def first_token(self, seq: Sequence, logits: mx.array, mask: np.ndarray | None) -> Sampled:
         """Sample the prompt's next token and move its KV into the slot; it decodes next step."""
@@ -101,6 +150,8 @@ class BatchRunner:
         for batch_cache, own in zip(self.caches, seq.cache, strict=True):
             batch_cache.insert(slot, *own.state)
         seq.release_prefill()
+        if self.drafter is not None and self.drafts[slot]:
+            self.drafter.start(slot, seq.request.prompt.input_ids)
         self.lengths[slot], self.index[slot] = seq.prompt_len, 1
         self.active[slot] = self.limit[slot] > 1
         self._joins[slot] = out.tokens
@@ -131,6 +182,9 @@ class BatchRunner:
     def release(self, slot: int) -> None:
         """Drop a slot's state; its KV stays in the buffers as garbage until reused."""
         self.occupied[slot] = self.active[slot] = self.constrained[slot] = False
+        if self.drafter is not None and self.drafts[slot]:
+            self.drafter.release(slot)
+        self.drafts[slot] = False
         self.lengths[slot] = self.deltas[slot] = self.index[slot] = 0
         self._joins.pop(slot, None)
         self.sampler.remove(slot)
@@ -141,6 +195,60 @@ class BatchRunner:
             self.tokens = None
         else:  # after a long row: the caches copy into less memory at their next write
             self.layout.shrink(int(self.lengths.max()))
+
+    def speculate(
+        self, rows: list[tuple[Sequence, int]], masks: dict[int, np.ndarray] | None
+    ) -> SpecStep | None:
+        """Queue a verification step (last token + drafts per row, width 1 + K) when some
+        row drafts; None otherwise. The host must know every row's tokens (`seq.history`)."""
+        assert self.drafter is not None
+        if not (self.active & self.drafts).any():  # e.g. the rows just read have all ended
+            return None
+        n = int(np.flatnonzero(self.occupied)[-1]) + 1
+        by_row: list[Sequence | None] = [None] * n
+        for seq, row in rows:
+            by_row[row] = None if seq.done else seq
+        caps = np.where(self.active[:n] & self.drafts[:n], self.limit[:n] - self.index[:n] - 1, 0)
+        caps = np.minimum(np.maximum(caps, 0), np.minimum(self.draft_cap[:n], self.drafter.k))
+        if not caps.any():
+            return None
+        slots = np.arange(n)
+        prop = self.drafter.propose(
+            by_row, caps, self.index[:n], self.sampler.seed[:n], self.sampler.temp[:n]
+        )
+        if not prop.counts.any():
+            self.drafter.accepted(np.zeros(n, np.int64))
+            return None
+        width = 1 + prop.drafts.shape[1]
+        last = np.array([s.history[-1] if s is not None else 0 for s in by_row], np.int32)
+        tokens = mx.concatenate([mx.array(last)[:, None], prop.drafts], axis=1)
+        lengths = self.lengths[:n]
+        self.layout.begin(lengths, self.max_slots, width)
+        pos = (lengths + self.deltas[:n])[:, None] + np.arange(width)[None, :]
+        logits = self.lm(tokens, self.caches, position_ids=mx.array(pos.astype(np.int32)))
+        verified = self.sampler.verify(
+            logits, slots, self.index[:n], prop.drafts, prop.counts, masks, prop.q, prop.sampled
+        )
+        self._joins.clear()  # their first tokens came from the host (`last`)
+        aux = list(self.lm.model.captured) if self.taps else []  # type: ignore[attr-defined]
+        return SpecStep(verified, prop, self.active[:n].copy(), rows, aux)
+
+    def commit(self, step: SpecStep, tokens: np.ndarray, accepted: np.ndarray) -> None:
+        """Advance every live row by the tokens it emits (accepted drafts + one)."""
+        assert self.drafter is not None
+        n, live = len(step.live), step.live
+        self.drafter.accepted(accepted)
+        if self.taps:
+            self.drafter.observe(step.aux, accepted, live)  # type: ignore[attr-defined]
+        emit = np.where(live, accepted + 1, 0)
+        self.lengths[:n] += emit
+        self.index[:n] += emit
+        self.active[:n] &= self.index[:n] < self.limit[:n]
+        last = tokens[np.arange(n), accepted] * live
+        self.tokens = mx.array(last.astype(np.int32))
+        rows = np.repeat(np.arange(n), emit)
+        cols = np.concatenate([np.arange(e) for e in emit]) if len(rows) else rows
+        self.sampler.count(rows, tokens[rows, cols])
 
     def _inputs(self, rows: int) -> mx.array:
         """Each row's input token: its last sampled one, or its first one if it just joined."""

@@ -57,9 +57,11 @@ class Sequence:
         self.inputs: PrefillInputs | None = None  # set at admission, dropped after prefill
         self.cache: list | None = None  # the prefill's own KVCache, until copied to the slot
         self.generated = 0  # tokens handed to the client side
+        self.accepted_drafts = 0  # of those, drafted tokens the target accepted
         self.stop_sequence = ""
         self.error = ""  # why it failed, for Finish
         self.done = False
+        self.history = list(request.prompt.input_ids)  # prompt + emitted tokens (drafters)
         self.submitted_ns = time.perf_counter_ns()
         self.admitted_ns = self.first_ns = 0
 
@@ -75,6 +77,7 @@ class Sequence:
     def consume(self, token: int, logprob: TokenLogprob | None) -> str:
         """Take the next generated token; push its Delta; return a finish reason or ""."""
         self.generated += 1
+        self.history.append(token)
         if not self.first_ns:
             self.first_ns = time.perf_counter_ns()
         finished_by_constraint = False
@@ -111,8 +114,9 @@ class Sequence:
         )
         stop = self.stop_sequence if reason == "stop" else ""
         return Finish(
-            reason, self.prompt_len, self.generated, stop, timings, error, self.cached_tokens
-        )
+            reason, self.prompt_len, self.generated, stop, timings, error, self.cached_tokens,
+            self.accepted_drafts,
+        )  # fmt: skip
 
     def log_finish(self, finish: Finish) -> None:
         t = finish.timings

@@ -42,6 +42,7 @@ from shared.errors import (
     MissingFeaturesError,
     ModelNotServedError,
 )
+from shared.models.base import MAIN_FEATURES, MediaFeatures
 from shared.runtime.sampling import SamplingParams
 
 log = structlog.get_logger("decoder")
@@ -100,6 +101,8 @@ def engine_options(request: decoder_pb2.GenerateRequest) -> dict[str, Any]:
         ignore_eos=stop.ignore_eos,
         logprobs=out.logprobs or out.top_logprobs > 0,
         top_logprobs=out.top_logprobs,
+        speculative=not request.speculative.disable,
+        num_draft_tokens=request.speculative.num_draft_tokens,
     )
 
 
@@ -120,6 +123,7 @@ def to_proto(
                 prompt_tokens=event.prompt_tokens,
                 completion_tokens=event.completion_tokens,
                 cached_prompt_tokens=event.cached_tokens,
+                accepted_draft_tokens=event.accepted_draft_tokens,
             ),
             timings=decoder_pb2.Timings(
                 queue_ns=t.queue_ns,
@@ -149,9 +153,9 @@ def logprob_proto(lp: TokenLogprob, tokens: TokenText) -> decoder_pb2.TokenLogpr
 def prepare(
     model: Any,
     request: decoder_pb2.GenerateRequest,
-    fetched: dict[str, mx.array],
+    fetched: dict[str, MediaFeatures],
     defaults: OutputDefaults,
-) -> tuple[Any, list[mx.array], OutputPlan]:
+) -> tuple[Any, list[MediaFeatures], OutputPlan]:
     """Prompt, features and output plan (constraints): CPU work, run off the event loop."""
     kwargs = template_kwargs(request, defaults)
     prompt, features = build_prompt(model, request, fetched, kwargs)
@@ -162,9 +166,9 @@ def prepare(
 def prepare_with_keys(
     engine: DecoderEngine,
     request: decoder_pb2.GenerateRequest,
-    fetched: dict[str, mx.array],
+    fetched: dict[str, MediaFeatures],
     defaults: OutputDefaults,
-) -> tuple[Any, list[mx.array], OutputPlan, list[str]]:
+) -> tuple[Any, list[MediaFeatures], OutputPlan, list[str]]:
     """`prepare`, plus the prompt's APC block keys (hashing is CPU work too)."""
     prompt, features, plan = prepare(engine.model, request, fetched, defaults)
     return prompt, features, plan, prefix_keys(engine.prefix, engine.model, request, prompt)
@@ -224,7 +228,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         finally:  # client cancelled, deadline passed, or done: free the slot (idempotent)
             handle.cancel()
 
-    async def _fetch(self, keys: list[str], rid: str, timeout: float | None) -> dict[str, mx.array]:
+    async def _fetch(
+        self, keys: list[str], rid: str, timeout: float | None
+    ) -> dict[str, MediaFeatures]:
         """All features or MissingFeaturesError naming every absent key."""
         unique = list(dict.fromkeys(keys))
         if not unique:
@@ -234,14 +240,17 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             entries: list[Any] = await asyncio.wait_for(gets, timeout)
         except asyncio.TimeoutError as exc:
             raise BackendUnavailableError("feature fetch ran past the request deadline") from exc
-        missing = [k for k, e in zip(unique, entries, strict=True) if not e or "features" not in e]
+        missing = [
+            k for k, e in zip(unique, entries, strict=True) if not e or MAIN_FEATURES not in e
+        ]
         if missing:
             raise MissingFeaturesError(missing)
-        arrays = {k: e["features"] for k, e in zip(unique, entries, strict=True)}
+        # Every tensor of the entry: the main features plus any extras (DeepStack levels).
+        fetched = {k: MediaFeatures.from_tensors(e) for k, e in zip(unique, entries, strict=True)}
         # Deserialising may leave lazy views (bfloat16) built on this thread; evaluate them here,
         # since lazy arrays cannot cross to the MLX thread (see shared.runtime.mlx_thread).
-        mx.eval(list(arrays.values()))
-        return arrays
+        mx.eval([f.tensors() for f in fetched.values()])
+        return fetched
 
     async def ListModels(  # noqa: N802
         self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -260,6 +269,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             prompt_tokens_total=s.prompt_tokens_total,
             generation_tokens_total=s.generation_tokens_total,
             requests_total=s.requests_total,
+            spec_num_drafts_total=s.spec_num_drafts,
+            spec_num_draft_tokens_total=s.spec_num_draft_tokens,
+            spec_num_accepted_tokens_total=s.spec_num_accepted_tokens,
         )
 
     async def PrefixCacheStats(  # noqa: N802

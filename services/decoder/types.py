@@ -10,11 +10,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import mlx.core as mx
-
 from services.decoder.constraints import TokenConstraint
 from services.decoder.options import LogitsOptions
 from shared.media.types import ProcessedPrompt
+from shared.models.base import MediaFeatures
 from shared.runtime.sampling import SamplingParams
 
 
@@ -22,7 +21,7 @@ from shared.runtime.sampling import SamplingParams
 class EngineRequest:
     request_id: str
     prompt: ProcessedPrompt
-    features: list[mx.array] = field(default_factory=list)  # evaluated; one per prompt.media
+    features: list[MediaFeatures] = field(default_factory=list)  # evaluated; one per media
     sampling: SamplingParams = field(default_factory=SamplingParams)
     logits: LogitsOptions = field(default_factory=LogitsOptions)
     max_tokens: int = 0  # 0: up to the context limit
@@ -34,6 +33,8 @@ class EngineRequest:
     top_logprobs: int = 0  # and this many alternatives (up to the engine's top_logprobs_k)
     constraints: list[TokenConstraint] = field(default_factory=list)  # masks ANDed
     prefix_keys: list[str] = field(default_factory=list)  # APC block keys of the prompt
+    speculative: bool = True  # may draft when the engine has a drafter (False: never)
+    num_draft_tokens: int = 0  # at most this many drafts per step (0: the engine's)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Finish:
     timings: Timings = Timings()
     error: str = ""
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    accepted_draft_tokens: int = 0  # completion tokens a drafter proposed and the target kept
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class EngineStats:
     generation_tokens_total: int
     requests_total: int
     kv_usage: float = 0.0  # fraction of the KV budget in use, 0..1
+    spec_num_drafts: int = 0  # speculative decoding: row-steps that drafted
+    spec_num_draft_tokens: int = 0  # tokens drafted
+    spec_num_accepted_tokens: int = 0  # drafted tokens the target accepted
 
 
 class RequestHandle:

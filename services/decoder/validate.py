@@ -34,9 +34,21 @@ def validate(request: EngineRequest, cfg: EngineConfig) -> int:
             f"top_logprobs must be in [0, {cfg.top_logprobs_k}] on this server (--top-logprobs-k)",
             param="top_logprobs",
         )
-    # Unset: up to the context, within what the KV budget can hold at all.
-    max_tokens = request.max_tokens or min(room, cfg.kv_tokens - len(ids))
-    if max_tokens <= 0 or len(ids) + max_tokens > cfg.kv_tokens:
+    drafting = bool(cfg.draft_kind or cfg.draft_model) and cfg.num_draft_tokens > 0
+    if request.num_draft_tokens < 0 or (  # without a drafter the option has no effect
+        drafting and request.num_draft_tokens > cfg.num_draft_tokens
+    ):
+        raise InvalidRequestError(
+            f"speculative.num_draft_tokens must be in [0, {cfg.num_draft_tokens}] on this "
+            "server (--num-draft-tokens)",
+            param="num_draft_tokens",
+        )
+    # Unset: up to the context, within what the KV budget can hold at all. A slot with a KV
+    # window (--max-kv-size) never holds more than the window, however long the request.
+    window = cfg.kv_quant.max_kv_size
+    max_tokens = request.max_tokens or (room if window else min(room, cfg.kv_tokens - len(ids)))
+    held = len(ids) + max_tokens
+    if max_tokens <= 0 or (min(held, window) if window else held) > cfg.kv_tokens:
         raise InvalidRequestError(
             f"the prompt ({len(ids)} tokens) and max_tokens ({request.max_tokens or 'unset'}) "
             f"do not fit this decoder's KV cache of {cfg.kv_tokens} tokens",

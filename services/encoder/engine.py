@@ -31,6 +31,7 @@ from services.encoder.types import (
     TensorInfo,
 )
 from shared.errors import BackendUnavailableError, InvalidRequestError, ModelNotServedError
+from shared.models.base import MAIN_FEATURES, MediaFeatures
 from shared.models.qwen2_vl.messages import MediaRef
 from shared.rpc.tensors import dtype_name
 from shared.runtime import mlx_thread
@@ -176,7 +177,7 @@ class EncoderEngine:
         ref, features, encode_ns = await mlx_thread.run(self._compute, served, key, item)
         meta = ref_metadata(ref)
         stored = await _bounded(
-            self._cache.put(key, {"features": features}, metadata=meta, request_id=rid), deadline
+            self._cache.put(key, features.tensors(), metadata=meta, request_id=rid), deadline
         )
         if not stored:
             raise BackendUnavailableError("the cache refused the features (entry too large)")
@@ -189,7 +190,7 @@ class EncoderEngine:
 
     def _compute(
         self, served: _Served, key: str, item: MediaItemInput
-    ) -> tuple[FeatureRef, mx.array, int]:
+    ) -> tuple[FeatureRef, MediaFeatures, int]:
         """On the MLX thread: decode, preprocess, run the tower, evaluate."""
         start = time.perf_counter_ns()
         model = served.model
@@ -199,15 +200,16 @@ class EncoderEngine:
             raise InvalidRequestError(f"could not decode {item.modality}: {exc}") from exc
         (features,) = encode_media(model, [media])
         features = features.astype(served.dtype)
-        mx.eval(features)
+        tensors = features.tensors()  # "features" first, then any extras (DeepStack levels)
+        mx.eval(tensors)
         self.computed += 1
         ref = FeatureRef(
             key=key,
             modality=item.modality,
-            num_tokens=int(features.shape[0]),
+            num_tokens=features.rows,
             grid=tuple(int(g) for g in media.grid_thw),
             seconds_per_grid=float(media.seconds_per_grid or 0.0),
-            tensors=(TensorInfo("features", dtype_name(features), tuple(features.shape)),),
+            tensors=tuple(TensorInfo(n, dtype_name(t), tuple(t.shape)) for n, t in tensors.items()),
         )
         return ref, features, time.perf_counter_ns() - start
 
@@ -246,9 +248,10 @@ def ref_from_header(key: str, modality: str, header: EntryHeader) -> FeatureRef 
     except (KeyError, ValueError):
         return None
     # The key hashes the modality, so a mismatch means the metadata is not this entry's own.
-    if ref.modality != modality or [t.name for t in ref.tensors] != ["features"]:
+    if ref.modality != modality or not ref.tensors or ref.tensors[0].name != MAIN_FEATURES:
         return None
-    return ref if ref.tensors[0].shape[:1] == (ref.num_tokens,) else None
+    # Main features first, extras (DeepStack levels) after: every tensor has a row per token.
+    return ref if all(t.shape[:1] == (ref.num_tokens,) for t in ref.tensors) else None
 
 
 def _float_dtype(module: Any) -> mx.Dtype:

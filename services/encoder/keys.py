@@ -35,6 +35,8 @@ def effective_params(processor: Any, modality: str, options: dict[str, float]) -
 
     Only options the modality uses are kept (an fps sent with an image changes nothing).
     """
+    if modality == "audio":  # clips are resampled to the model's rate; no option changes that
+        return {"sampling_rate": getattr(processor, "sampling_rate", None)}
     if modality == "image":
         size = getattr(getattr(processor, "image_processor", None), "size", None)
         defaults = {

@@ -3,8 +3,9 @@
 Images are judged by their content (magic bytes, then PIL's header parser), never by a
 Content-Type header, and their pixel count is checked from the header alone, before anything is
 decoded: a 20000x20000 PNG is refused without allocating its pixels. So are, from their bytes
-alone, a truncated JPEG or PNG and PNG text chunks too large to be metadata. Videos and audio
-are only size-capped here; the encoder decodes and validates them.
+alone, a truncated JPEG or PNG and PNG text chunks too large to be metadata. Audio must name an
+accepted container in its first bytes; videos and audio are otherwise only size-capped here: the
+encoder decodes and validates them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from services.gateway.config import GatewayConfig
 from services.gateway.fetch import MediaFetcher
 from services.gateway.messages import MediaSpec
 from shared.errors import InvalidRequestError
+from shared.media.audio import FORMATS as AUDIO_FORMATS
+from shared.media.audio import sniff_audio_format
 
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 _WHITESPACE = re.compile(rb"\s+")
@@ -187,6 +190,11 @@ class MediaLoader:
             await asyncio.to_thread(check_image, data, self.config.max_image_pixels, spec.param)
         elif not data:
             raise InvalidRequestError("empty media item", param=spec.param)
+        elif spec.modality == "audio" and sniff_audio_format(data[:16]) is None:
+            raise InvalidRequestError(
+                f"unsupported audio format: {', '.join(AUDIO_FORMATS)} are accepted",
+                param=spec.param,
+            )
         return data
 
     async def _read(self, spec: MediaSpec, cap: int) -> bytes:

@@ -25,6 +25,8 @@ MEDIA_TYPES = {
     "video": ("video", "video"),
     "audio_url": ("audio", "audio_url"),
 }
+# input_audio formats: what PyAV decodes for us (OpenAI documents wav and mp3).
+AUDIO_FORMATS = ("wav", "mp3", "flac")
 # Per-item preprocessing options a part may carry (MediaOptions fields).
 OPTION_KEYS = ("min_pixels", "max_pixels", "fps", "min_frames", "max_frames", "num_frames")
 
@@ -75,6 +77,21 @@ def _options(part: dict[str, Any], param: str) -> dict[str, float]:
     return out
 
 
+def _input_audio(part: dict[str, Any], param: str) -> MediaSpec:
+    """OpenAI's `{"input_audio": {"data": <base64>, "format": "wav"|"mp3"|...}}`. The format is
+    only checked against what we decode: the encoder judges the bytes themselves."""
+    audio = part.get("input_audio", part)
+    data = audio.get("data") if isinstance(audio, dict) else None
+    if not isinstance(data, str):
+        raise InvalidRequestError(f"{param}.input_audio.data must be base64 text", param=param)
+    fmt = audio.get("format")
+    if fmt is not None and fmt not in AUDIO_FORMATS:
+        raise InvalidRequestError(
+            f"{param}.input_audio.format must be one of {', '.join(AUDIO_FORMATS)}", param=param
+        )
+    return MediaSpec("audio", param, b64=data, options=_options(part, param))
+
+
 def _part(part: Any, param: str) -> Part:
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         raise InvalidRequestError(f"{param}: a content part needs a 'type'", param=param)
@@ -89,11 +106,7 @@ def _part(part: Any, param: str) -> Part:
         source = _url_of(part.get(key), f"{param}.{key}")
         return Part(media=MediaSpec(modality, param, source=source, options=_options(part, param)))
     if kind == "input_audio":
-        audio = part.get("input_audio", part)
-        data = audio.get("data") if isinstance(audio, dict) else None
-        if not isinstance(data, str):
-            raise InvalidRequestError(f"{param}.input_audio.data must be base64 text", param=param)
-        return Part(media=MediaSpec("audio", param, b64=data, options=_options(part, param)))
+        return Part(media=_input_audio(part, param))
     raise InvalidRequestError(f"{param}: unsupported content part type {kind!r}", param=param)
 
 

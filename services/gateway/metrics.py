@@ -7,7 +7,10 @@ decoder queue, prefill); "running" counts those streaming tokens. The decoders' 
 them as `prism:decoder_num_requests_running`, `prism:decoder_num_requests_waiting` (summed
 over a model's decoders) and `prism:kv_cache_usage_perc` (their mean, 0..1). The prefix cache
 counters (`prism:prefix_cache_queries_total` / `_hits_total`, in prompt tokens) come from each
-finished request's usage, so they need no polling.
+finished request's usage, so they need no polling. Speculative decoding's totals, summed over
+the decoders' Stats, use vLLM's names: `prism:spec_decode_num_drafts_total` (row-steps that
+drafted), `_num_draft_tokens_total`, `_num_accepted_tokens_total`; acceptance rate = accepted /
+draft tokens, tokens per target step = 1 + accepted / drafts (also reported as gauges).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
@@ -110,6 +113,7 @@ class GatewayMetrics:
     def watch_decoders(self, backends: Callable[[], list[Any]]) -> None:
         """Report the latest Stats of `backends()`' decoders at every scrape."""
         self.registry.register(DecoderStatsCollector(lambda: decoder_totals(backends())))
+        self.registry.register(SpecDecodeCollector(lambda: spec_totals(backends())))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -149,3 +153,55 @@ class DecoderStatsCollector(Collector):
             for model, values in sorted(stats.items()):
                 family.add_metric([model], float(values[i]))
             yield family
+
+
+_SPEC_FIELDS = (
+    "spec_num_drafts_total", "spec_num_draft_tokens_total", "spec_num_accepted_tokens_total"
+)  # fmt: skip
+
+
+def spec_totals(backends: list[Any]) -> dict[str, tuple[int, int, int]]:
+    """model -> (drafts, draft tokens, accepted tokens) summed over its healthy decoders."""
+    acc: dict[str, list[int]] = {}
+    for b in backends:
+        if b.kind != "decoder" or not b.healthy or b.stats is None:
+            continue
+        for model in b.models:
+            row = acc.setdefault(model, [0, 0, 0])
+            for i, name in enumerate(_SPEC_FIELDS):
+                row[i] += int(getattr(b.stats, name, 0))
+    return {m: (r[0], r[1], r[2]) for m, r in acc.items()}
+
+
+class SpecDecodeCollector(Collector):
+    """Speculative decoding totals and the two ratios, read at scrape time."""
+
+    _COUNTERS = (
+        ("prism:spec_decode_num_drafts", "Decode steps of a sequence that drafted tokens."),
+        ("prism:spec_decode_num_draft_tokens", "Tokens drafted."),
+        ("prism:spec_decode_num_accepted_tokens", "Drafted tokens the target accepted."),
+    )
+
+    def __init__(self, source: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self.source()
+        for i, (name, text) in enumerate(self._COUNTERS):
+            family = CounterMetricFamily(name, text, labels=["model_name"])
+            for model, values in sorted(stats.items()):
+                family.add_metric([model], float(values[i]))
+            yield family
+        rate = GaugeMetricFamily(
+            "prism:spec_decode_acceptance_rate", "Accepted / drafted tokens.", labels=["model_name"]
+        )
+        per_step = GaugeMetricFamily(
+            "prism:spec_decode_tokens_per_step",
+            "Tokens a drafting sequence gains per target forward pass (1 + accepted / drafts).",
+            labels=["model_name"],
+        )
+        for model, (drafts, drafted, accepted) in sorted(stats.items()):
+            rate.add_metric([model], accepted / drafted if drafted else 0.0)
+            per_step.add_metric([model], 1 + accepted / drafts if drafts else 0.0)
+        yield rate
+        yield per_step

@@ -15,12 +15,22 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from shared.loading.config import Quantization
+from shared.models.quantized import quantize
 
 # (pattern, replacement) applied in order; the first match wins.
 _VLM_RENAMES: list[tuple[re.Pattern[str], str]] = [
     # transformers-5: model.visual.*, model.language_model.*
     (re.compile(r"^model\.visual\."), "vision_tower."),
     (re.compile(r"^model\.language_model\."), "language_model.model."),
+    # Gemma 3 (transformers-5): model.vision_tower.vision_model.* (Hub/mlx: vision_tower.*)
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    # Qwen2-Audio (transformers-5 `model.audio_tower.*`, Hub and mlx `audio_tower.*`): the audio
+    # encoder and its projector are the encoder service's tower, so they live under vision_tower.
+    (re.compile(r"^(?:model\.)?(audio_tower|multi_modal_projector)\."), r"vision_tower.\1."),
+    # SmolVLM / Idefics3 (Hub and transformers-5 `model.*`, mlx-community bare): the SigLIP
+    # tower and the connector are the encoder's; `model.text_model.*` is the Llama.
+    (re.compile(r"^(?:model\.)?(vision_model|connector)\."), r"vision_tower.\1."),
+    (re.compile(r"^model\.text_model\."), "language_model.model."),
     # transformers-4 published checkpoints: visual.*, model.*, lm_head.*
     (re.compile(r"^visual\."), "vision_tower."),
     (re.compile(r"^model\."), "language_model.model."),
@@ -91,15 +101,9 @@ def load_module(
     if sanitize is not None:
         weights = sanitize(weights)
     if quant is not None:
-        nn.quantize(
-            module,
-            group_size=quant.group_size,
-            bits=quant.bits,
-            mode=quant.mode,
-            # Quantize exactly the layers the checkpoint stores quantized (mlx-lm's rule):
-            # converters leave small or oddly shaped layers in floating point.
-            class_predicate=lambda path, _m: f"{path}.scales" in weights,
-        )
+        # Quantize exactly the layers the checkpoint stores quantized (mlx-lm's rule):
+        # converters leave small or oddly shaped layers in floating point.
+        quantize(module, quant, lambda path, _m: f"{path}.scales" in weights)
     module.load_weights(list(weights.items()), strict=True)
     mx.eval(module.parameters())
     module.eval()

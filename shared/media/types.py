@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-Modality = Literal["image", "video"]
+Modality = Literal["image", "video", "audio"]
 
 
 @dataclass(frozen=True)
@@ -18,15 +18,20 @@ class MediaInput:
     grid_thw: patch counts along time, height and width (before spatial merging).
     seconds_per_grid: seconds spanned by one temporal patch (videos; Qwen2.5-VL uses it
         for temporal rotary positions). None for images.
+    tokens: placeholder tokens when the grid does not give them (audio: `pixel_values` holds
+        the (1, mel bins, frames) log-mel input, `grid_thw` its unpadded frame count (frames,)).
     """
 
     modality: Modality
     pixel_values: np.ndarray
-    grid_thw: tuple[int, int, int]
+    grid_thw: tuple[int, ...]
     seconds_per_grid: float | None = None
+    tokens: int | None = None
 
     def num_tokens(self, merge_size: int) -> int:
-        t, h, w = self.grid_thw
+        if self.tokens is not None:
+            return self.tokens
+        t, h, w = self.grid_thw[:3]  # SmolVLM appends its tile rows and cols
         return t * h * w // (merge_size * merge_size)
 
 

@@ -2,10 +2,14 @@
 
 Each layer holds keys/values buffers of shape (slots, n_kv, capacity, head_dim). Row i of a
 decode step is slot i; slot i holds `lengths[i]` valid tokens at positions [0, lengths[i]).
-A step writes every row's new key/value at its own position `lengths[i]` (one scatter) and
-attends through a boolean mask hiding positions beyond it, so rows of different lengths share
-one batched matmul without ever moving each other's KV. Prefill happens elsewhere (one
-sequence, its own `KVCache`); `insert` copies the finished prompt KV into a free slot.
+A step feeds `width` tokens per row (1 for plain decode; 1 + k drafted tokens when a
+speculative step verifies them) and writes row i's keys/values at positions
+[lengths[i], lengths[i] + width) (one scatter); a boolean mask gives each of them the causal
+view of its own row, so rows of different lengths share one batched matmul without ever moving
+each other's KV. Rolling a row back (rejected drafts) is lowering its length: the positions
+beyond it are garbage that the mask hides and the next write overwrites. Prefill happens
+elsewhere (one sequence, its own `KVCache`); `insert` copies the finished prompt KV into a free
+slot.
 
 `BatchLayout` holds what all layers share for one step (rows, span, write indices, mask), so
 the per-layer caches stay dumb and the model code only needs `cache.make_mask()` (see
@@ -34,34 +38,39 @@ class BatchLayout:
         self.slots = 0  # slot capacity of every layer's buffers
         self.capacity = 0  # token capacity of every layer's buffers
         self.rows = 0  # rows in this step (slots [0, rows))
-        self.span = 0  # tokens attended this step: max(lengths[:rows]) + 1
-        self.write: mx.array | None = None  # (rows,) int32 position each row writes at
-        self.mask: mx.array | None = None  # (rows, 1, 1, span) bool: True = visible
+        self.width = 1  # tokens per row this step
+        self.span = 0  # tokens attended this step: max(lengths[:rows]) + width
+        self.write: mx.array | None = None  # (rows,) int32 position each row starts writing at
+        self.mask: mx.array | None = None  # (rows, 1, width, span) bool: True = visible
         self._flat: mx.array | None = None  # scatter indices, built by the first layer
 
     def reset(self) -> None:
         """No live rows: forget the capacities (the caches release their buffers)."""
         self.__init__()
 
-    def begin(self, lengths: np.ndarray, max_slots: int) -> None:
-        """Lay out a step over rows [0, len(lengths)); grow capacities if needed."""
+    def begin(self, lengths: np.ndarray, max_slots: int, width: int = 1) -> None:
+        """Lay out a step of `width` tokens over rows [0, len(lengths)); grow capacities."""
         rows = len(lengths)
-        self.rows, self.span = rows, int(lengths.max()) + 1
+        self.rows, self.width, self.span = rows, width, int(lengths.max()) + width
         if rows > self.slots:
             self.slots = min(max_slots, _round_up(rows, SLOT_STEP))
         if self.span > self.capacity:
             self.capacity = _round_up(self.span, T_STEP)
         pos = mx.array(lengths.astype(np.int32))
         self.write, self._flat = pos, None
-        self.mask = (mx.arange(self.span)[None, :] <= pos[:, None])[:, None, None, :]
+        # Query j of row i sits at lengths[i] + j and sees every position up to its own.
+        last = pos[:, None] + mx.arange(width)[None, :]  # (rows, width)
+        self.mask = (mx.arange(self.span)[None, None, :] <= last[:, :, None])[:, None]
 
     def flat_index(self, n_kv: int) -> mx.array:
-        """(rows * n_kv,) indices of each row's write position in a buffer viewed as
-        (slots * n_kv * capacity, head_dim): one single-axis scatter writes every row."""
+        """(rows * n_kv * width,) indices of each row's write positions in a buffer viewed as
+        (slots * n_kv * capacity, head_dim), in (row, head, token) order: one single-axis
+        scatter writes every row."""
         if self._flat is None:
             assert self.write is not None
             base = mx.arange(self.rows)[:, None] * n_kv + mx.arange(n_kv)[None, :]
-            self._flat = (base * self.capacity + self.write[:, None]).reshape(-1)
+            start = base * self.capacity + self.write[:, None]  # (rows, n_kv)
+            self._flat = (start[:, :, None] + mx.arange(self.width)[None, None, :]).reshape(-1)
         return self._flat
 
     def reserve(self, slot: int, length: int, max_slots: int) -> None:
@@ -81,7 +90,7 @@ class BatchLayout:
 
 
 class BatchKVCache:
-    """One layer's slot buffers; implements the `Cache` protocol for one-token decode steps."""
+    """One layer's slot buffers; implements the `Cache` protocol for `layout.width`-token steps."""
 
     def __init__(self, layout: BatchLayout) -> None:
         self.layout = layout
@@ -90,8 +99,11 @@ class BatchKVCache:
         self.offset = 0  # unused: batched calls always pass per-row position ids
 
     def make_mask(self, length: int) -> mx.array:
-        if length != 1:
-            raise ValueError("a batch cache decodes one token per row; prefill with KVCache")
+        if length != self.layout.width:
+            raise ValueError(
+                f"this step feeds {self.layout.width} token(s) per row (BatchLayout.begin width),"
+                f" not {length}; prefill with KVCache"
+            )
         assert self.layout.mask is not None, "BatchLayout.begin first"
         return self.layout.mask
 

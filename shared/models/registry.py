@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from shared.media.types import MediaInput, ProcessedPrompt
-from shared.models.base import LanguageModel, VisionTower
+from shared.models.base import LanguageModel, MediaFeatures, VisionTower
 
 
 class Processor(Protocol):
@@ -31,6 +31,19 @@ class PrefillInputs:
     input_embeddings: mx.array | None = None  # (1, L, D) when media features are merged
     position_ids: mx.array | None = None  # (3, 1, L) for M-RoPE prompts with media
     rope_delta: int = 0  # decode position = cache offset + rope_delta
+    # More per-prompt-token tensors, sequence on axis 1 (e.g. Qwen3-VL's DeepStack embeddings
+    # (levels, L, D)): each prefill chunk gets [:, start:end] as a keyword argument of the LM.
+    extras: dict[str, mx.array] = field(default_factory=dict)
+    # [start, end) prompt spans a prefill chunk must not end inside: Gemma 3's image tokens
+    # attend to their whole image, so an image's KV needs all of it in one forward pass.
+    atomic_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def chunk_end(self, end: int) -> int:
+        """`end` moved to the end of the atomic span it would cut, if any."""
+        for start, stop in self.atomic_spans:
+            if start < end < stop:
+                return stop
+        return end
 
 
 class PromptEmbedder(Protocol):
@@ -41,7 +54,7 @@ class PromptEmbedder(Protocol):
         language: LanguageModel,
         input_ids: np.ndarray,
         media: list[MediaInput],
-        features: list[mx.array],
+        features: list[MediaFeatures],
     ) -> PrefillInputs: ...
 
 
@@ -59,6 +72,12 @@ class Family:
 _FAMILIES = {
     "qwen2_vl": "shared.models.qwen2_vl.family",
     "qwen2_5_vl": "shared.models.qwen2_5_vl.family",
+    "qwen3_vl": "shared.models.qwen3_vl.family",
+    "qwen2_audio": "shared.models.qwen2_audio.family",
+    "gemma3": "shared.models.gemma3.family",
+    "gemma3_text": "shared.models.gemma3.family",
+    "smolvlm": "shared.models.smolvlm.family",
+    "idefics3": "shared.models.smolvlm.family",
     "qwen2": "shared.models.text_family",
     "qwen3": "shared.models.text_family",
     "llama": "shared.models.text_family",

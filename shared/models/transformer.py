@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from .base import BaseModelArgs, Cache
 from .cache import KVCache
+from .kv_quant.protocol import AttendingCache
 from .rope import RoPE, RotaryPositions, initialize_rope
 
 
@@ -113,9 +114,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         q, k = rope.apply(q, positions), rope.apply(k, positions)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(cache, AttendingCache):  # quantized / windowed: reads its own storage
+            out = cache.attend(q, k, v, self.scale, mask)
+        else:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
@@ -163,6 +167,20 @@ class TransformerModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         # One rope for all layers (it has no parameters): positions are computed once per call.
         self.rope = rope if rope is not None else args.make_rope()
+        # EAGLE-3 drafting reads the residual stream entering these layers (an id equal to
+        # the layer count: the stack's output before the final norm). Underscored names keep
+        # them out of the parameters; `_captured` holds the last call's, lazily.
+        self._capture: tuple[int, ...] = ()
+        self._captured: list[mx.array] = []
+
+    def capture(self, layer_ids: tuple[int, ...]) -> None:
+        """Keep the hidden states entering `layer_ids` on every call (see `captured`)."""
+        self._capture = tuple(layer_ids)
+
+    @property
+    def captured(self) -> list[mx.array]:
+        """The last call's (B, L, hidden) states entering each captured layer, in order."""
+        return self._captured
 
     def __call__(
         self,
@@ -178,8 +196,14 @@ class TransformerModel(nn.Module):
         length = h.shape[1]
         positions = self.rope.positions(length, offset, position_ids)
         mask = create_attention_mask(length, cache[0])
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
+        seen: dict[int, mx.array] = {}
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
+            if i in self._capture:
+                seen[i] = h
             h = layer(h, self.rope, positions, mask, layer_cache)
+        if self._capture:
+            seen[len(self.layers)] = h
+            self._captured = [seen[i] for i in self._capture]
         return self.norm(h)
 
 

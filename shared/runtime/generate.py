@@ -14,7 +14,8 @@ import mlx.core as mx
 import numpy as np
 
 from shared.media.types import MediaInput, ProcessedPrompt
-from shared.models.base import LanguageModel
+from shared.models.base import LanguageModel, MediaFeatures
+from shared.models.kv_quant import KVQuantConfig, decode_caches
 from shared.models.registry import PrefillInputs
 from shared.runtime.detokenizer import StreamingDetokenizer
 from shared.runtime.loaded import LoadedModel
@@ -35,7 +36,7 @@ class GenerationChunk:
     peak_memory_gb: float = 0.0
 
 
-def encode_media(model: LoadedModel, media: list[MediaInput]) -> list[mx.array]:
+def encode_media(model: LoadedModel, media: list[MediaInput]) -> list[MediaFeatures]:
     """Vision features per media item, in order (one tower call for all of them)."""
     if not media:
         return []
@@ -43,17 +44,22 @@ def encode_media(model: LoadedModel, media: list[MediaInput]) -> list[mx.array]:
         raise ValueError("this model was loaded without its vision tower")
     pixels = mx.array(np.concatenate([m.pixel_values for m in media], axis=0))
     grids = mx.array(np.array([m.grid_thw for m in media], dtype=np.int32))
-    features = model.vision(pixels, grids)
-    sizes = np.cumsum([m.num_tokens(_merge_size(model)) for m in media])[:-1].tolist()
-    return list(mx.split(features, sizes, axis=0)) if sizes else [features]
+    out = model.vision(pixels, grids)
+    batched = out if isinstance(out, MediaFeatures) else MediaFeatures(out)
+    return batched.split([m.num_tokens(_merge_size(model)) for m in media])
 
 
 def _merge_size(model: LoadedModel) -> int:
+    # Patches per token side, as the decoder's prompt builder reads it: from the processor
+    # (Gemma 3: its pooling kernel), else the Qwen-VL config's spatial_merge_size.
+    merge = getattr(model.processor, "merge_size", None)
+    if merge:
+        return int(merge)
     return int(model.config.get("vision_config", {}).get("spatial_merge_size", 2))
 
 
 def prepare_inputs(
-    model: LoadedModel, prompt: ProcessedPrompt, features: list[mx.array]
+    model: LoadedModel, prompt: ProcessedPrompt, features: list[MediaFeatures]
 ) -> PrefillInputs:
     if model.embedder is None:
         if prompt.media:
@@ -70,13 +76,19 @@ def _decode_positions(offset: int, delta: int) -> mx.array:
 def forward_span(
     lm: LanguageModel, inputs: PrefillInputs, cache: list, start: int, end: int
 ) -> mx.array:
-    """The model on prompt positions [start, end), appending their KV to `cache`."""
+    """The model on prompt positions [start, end), appending their KV to `cache`.
+
+    Each of `inputs.extras` (sequence on axis 1) goes to the LM as a keyword argument, cut to
+    the same span, so chunked prefill and prefix-cache hits see the rows of their own tokens.
+    """
     emb, pos = inputs.input_embeddings, inputs.position_ids
+    extras = {name: value[:, start:end] for name, value in inputs.extras.items()}
     return lm(
         inputs.input_ids[:, start:end],
         cache,
         input_embeddings=None if emb is None else emb[:, start:end],
         position_ids=None if pos is None else pos[..., start:end],
+        **extras,
     )
 
 
@@ -89,9 +101,13 @@ def prefill(lm: LanguageModel, inputs: PrefillInputs, cache: list) -> mx.array:
     token then runs alone.
     """
     last = inputs.input_ids.shape[1] - 1
-    for start in range(0, last, PREFILL_STEP):
-        forward_span(lm, inputs, cache, start, min(start + PREFILL_STEP, last))
+    start = 0
+    while start < last:
+        # A chunk never ends inside an image whose tokens attend to each other (Gemma 3).
+        end = min(inputs.chunk_end(min(start + PREFILL_STEP, last)), last)
+        forward_span(lm, inputs, cache, start, end)
         mx.eval([c.state for c in cache])
+        start = end
     return forward_span(lm, inputs, cache, last, last + 1)[:, -1, :]
 
 
@@ -102,6 +118,7 @@ def stream_generate(
     max_tokens: int = 256,
     sampling: SamplingParams | None = None,
     stop_token_ids: set[int] | None = None,
+    kv_quant: KVQuantConfig | None = None,
 ) -> Iterator[GenerationChunk]:
     lm = model.language
     if lm is None:
@@ -117,6 +134,8 @@ def stream_generate(
     cache = lm.make_cache()
     delta = inputs.rope_delta
     y = sampler(prefill(lm, inputs, cache))
+    # The prompt prefills at full precision; decoding reads the quantized / windowed copy.
+    cache = decode_caches(cache, kv_quant or KVQuantConfig())
     mx.async_eval(y)
 
     def step(token: mx.array) -> mx.array:

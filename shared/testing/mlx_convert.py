@@ -73,6 +73,8 @@ def rename_weights(weights: dict[str, mx.array], config: dict[str, Any]) -> dict
             key = _vlm_key(key)
             if key.endswith("patch_embed.proj.weight"):
                 w = _channels_last(w)
+            elif key.endswith("patch_embedding.weight") and w.ndim == 4:  # SigLIP Conv2d
+                w = w.transpose(0, 2, 3, 1)  # (D, C, P, P) -> MLX (D, P, P, C), as mlx-vlm
         out[key] = w
     return out
 

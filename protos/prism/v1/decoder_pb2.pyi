@@ -276,20 +276,26 @@ class DecoderStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DecoderStatsResponse(_message.Message):
-    __slots__ = ("num_requests_running", "num_requests_waiting", "kv_cache_usage", "prompt_tokens_total", "generation_tokens_total", "requests_total")
+    __slots__ = ("num_requests_running", "num_requests_waiting", "kv_cache_usage", "prompt_tokens_total", "generation_tokens_total", "requests_total", "spec_num_drafts_total", "spec_num_draft_tokens_total", "spec_num_accepted_tokens_total")
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     GENERATION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NUM_DRAFTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NUM_DRAFT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NUM_ACCEPTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     num_requests_running: int
     num_requests_waiting: int
     kv_cache_usage: float
     prompt_tokens_total: int
     generation_tokens_total: int
     requests_total: int
-    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ...) -> None: ...
+    spec_num_drafts_total: int
+    spec_num_draft_tokens_total: int
+    spec_num_accepted_tokens_total: int
+    def __init__(self, num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., spec_num_drafts_total: _Optional[int] = ..., spec_num_draft_tokens_total: _Optional[int] = ..., spec_num_accepted_tokens_total: _Optional[int] = ...) -> None: ...
 
 class PrefixCacheStatsRequest(_message.Message):
     __slots__ = ()

@@ -56,11 +56,13 @@ class PrefixCounters:
 def unsupported_reason(model: LoadedModel) -> str | None:
     """Why this model's KV cannot be cut into reusable blocks (None: it can)."""
     text = text_config(model.config)
-    if text.get("use_sliding_window") or any(
+    sliding = text.get("use_sliding_window") or any(
         "sliding" in str(t) for t in text.get("layer_types") or ()
-    ):
-        return "sliding-window attention: a block's KV depends on what the window dropped"
+    )
     assert model.language is not None
+    # A model that applies its window as a mask over full KV (Gemma 3) keeps every position.
+    if sliding and not getattr(model.language, "keeps_full_kv", False):
+        return "sliding-window attention: a block's KV depends on what the window dropped"
     if not all(type(c) is KVCache for c in model.language.make_cache()):
         return "the model's layer caches are not plain KV caches"
     return None

@@ -11,7 +11,7 @@ import numpy as np
 
 from shared.loading.config import text_config, vision_config
 from shared.media.types import MediaInput
-from shared.models.base import LanguageModel
+from shared.models.base import LanguageModel, MediaFeatures
 from shared.models.qwen2_vl.rope_index import get_rope_index
 from shared.models.registry import PrefillInputs
 
@@ -35,7 +35,7 @@ class QwenVLEmbedder:
         language: LanguageModel,
         input_ids: np.ndarray,
         media: list[MediaInput],
-        features: list[mx.array],
+        features: list[MediaFeatures],
     ) -> PrefillInputs:
         ids = mx.array(np.asarray(input_ids, dtype=np.int32))[None]
         if not media:
@@ -44,7 +44,7 @@ class QwenVLEmbedder:
         slots = np.nonzero((input_ids == self.image_token_id) | (input_ids == self.video_token_id))[
             0
         ]
-        feats = mx.concatenate(features, axis=0)
+        feats = mx.concatenate([f.features for f in features], axis=0)
         if feats.shape[0] != slots.size:
             raise ValueError(
                 f"prompt has {slots.size} media placeholder tokens but the media features "

@@ -1,0 +1,96 @@
+"""How one layer's keys and values are stored and attended: the `KVCodec` contract.
+
+A codec turns (B, n_kv, T, D) keys or values into `Parts`, a tuple of arrays that all keep
+the token axis at -2 (so caches can slice, scatter and resize every part alike without
+knowing what it holds), and computes attention straight from those parts.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import mlx.core as mx
+
+Parts = tuple[mx.array, ...]
+Mask = str | mx.array | None
+
+
+class KVCodec(Protocol):
+    # Attend over a multiple of this many key positions (the extra ones masked out).
+    key_align: int
+
+    def encode_keys(self, keys: mx.array) -> Parts: ...
+
+    def encode_values(self, values: mx.array) -> Parts: ...
+
+    def attention(
+        self, queries: mx.array, keys: Parts, values: Parts, scale: float, mask: Mask
+    ) -> mx.array: ...
+
+
+class FullPrecision:
+    """Keys and values as they come (a window cache without quantization)."""
+
+    key_align = 1
+
+    def encode_keys(self, keys: mx.array) -> Parts:
+        return (keys,)
+
+    def encode_values(self, values: mx.array) -> Parts:
+        return (values,)
+
+    def attention(
+        self, queries: mx.array, keys: Parts, values: Parts, scale: float, mask: Mask
+    ) -> mx.array:
+        return mx.fast.scaled_dot_product_attention(
+            queries, keys[0], values[0], scale=scale, mask=mask
+        )
+
+
+def group_queries(
+    queries: mx.array, mask: Mask, n_kv: int, n_keys: int
+) -> tuple[mx.array, mx.array | None, bool]:
+    """Grouped-query attention without repeating the KV: (B, n_q, L, D) queries become
+    (B, n_kv, repeats, L, D) and the mask an explicit one to match; True when grouped, and
+    then every KV part needs `mx.expand_dims(part, -3)` to broadcast over the repeats."""
+    b, n_q, length, dim = queries.shape
+    mask = bool_mask(mask, length, n_keys)
+    if n_q == n_kv:
+        return queries, mask, False
+    queries = queries.reshape(b, n_kv, n_q // n_kv, length, dim)
+    if mask is not None and mask.ndim == 4:  # (B, 1, L, T) -> (B, 1, 1, L, T)
+        mask = mx.expand_dims(mask, 2)
+    return queries, mask, True
+
+
+def masked(scores: mx.array, mask: mx.array | None) -> mx.array:
+    if mask is None:
+        return scores
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    return scores + mask  # additive
+
+
+def bool_mask(mask: Mask, queries: int, keys: int) -> mx.array | None:
+    """An explicit boolean mask: MLX's "causal" string is lower-right aligned (the last query
+    sees every key), which is what a chunk appended after cached tokens needs."""
+    if not isinstance(mask, str):
+        return mask
+    q_pos = mx.arange(keys - queries, keys)
+    return q_pos[:, None] >= mx.arange(keys)[None]
+
+
+def aligned_keys(
+    mask: Mask, queries: int, keys: int, align: int, capacity: int
+) -> tuple[int, Mask]:
+    """Key positions to attend over (`keys` rounded up to `align`, within the buffers'
+    `capacity`) and the mask hiding the extra ones: the caches slice their buffers, which
+    are zeros or stale codes past `keys`, to that length without copying."""
+    padded = min(-(-keys // align) * align, capacity)
+    if padded == keys:
+        return keys, mask
+    real = bool_mask(mask, queries, keys)
+    if real is None:
+        real = mx.ones((queries, keys), mx.bool_)
+    extra = mx.zeros((*real.shape[:-1], padded - keys), mx.bool_)
+    return padded, mx.concatenate([real, extra], axis=-1)

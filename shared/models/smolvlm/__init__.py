@@ -1,0 +1,1 @@
+"""SmolVLM / Idefics3: SigLIP tiles, pixel-shuffle connector, Llama language model."""
