@@ -212,3 +212,20 @@ def test_uniform_attends_over_a_whole_multiple_of_64_keys(queries):
         mask,
     )
     np.testing.assert_allclose(np.array(out), np.array(exact), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_uniform_expanded_attention_matches_packed(bits):
+    """The CUDA path (keys and values expanded for the attention call) gives the packed
+    path's output: same codes, same mask (grouped queries, a causal chunk, padded keys)."""
+    from shared.models.kv_quant.uniform import UniformCodec
+
+    k, v = mx.random.normal((2, 2, 70, 64)), mx.random.normal((2, 2, 70, 64))
+    q = mx.random.normal((2, 4, 3, 64))
+    packed, expanded = UniformCodec(bits, 64, packed=True), UniformCodec(bits, 64, packed=False)
+    ks, vs = packed.encode_keys(k), packed.encode_values(v)
+    mask = mx.arange(70)[None, None, None, :] < mx.array([50, 70])[:, None, None, None]
+    for m in ("causal", mask, None):
+        a = packed.attention(q, ks, vs, 0.125, m)
+        b = expanded.attention(q, ks, vs, 0.125, m)
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)

@@ -63,6 +63,27 @@ def group_queries(
     return queries, mask, True
 
 
+def fold_queries(
+    queries: mx.array, mask: Mask, n_kv: int, n_keys: int
+) -> tuple[mx.array, mx.array | None]:
+    """Grouped-query attention with each KV head's query heads as more query rows: (B, n_q,
+    L, D) -> (B, n_kv, n_q / n_kv * L, D), the mask repeated to match, so the KV needs no
+    broadcast batch axis (MLX 0.32's CUDA 8-bit quantized_matmul has no kernel for one query
+    row broadcast over the repeats: "No implementation for problem shape 1x...x28"). The
+    output (B, n_kv, rows, D) reshapes straight back to (B, n_q, L, D)."""
+    b, n_q, length, dim = queries.shape
+    mask = bool_mask(mask, length, n_keys)
+    repeats = n_q // n_kv
+    if repeats == 1:
+        return queries, mask
+    queries = queries.reshape(b, n_kv, repeats * length, dim)
+    if mask is not None:  # (..., L, T) -> (..., repeats * L, T), query row r * L + l
+        lead = mask.shape[:-2]
+        mask = mx.broadcast_to(mx.expand_dims(mask, -3), (*lead, repeats, length, n_keys))
+        mask = mask.reshape(*lead, repeats * length, n_keys)
+    return queries, mask
+
+
 def masked(scores: mx.array, mask: mx.array | None) -> mx.array:
     if mask is None:
         return scores

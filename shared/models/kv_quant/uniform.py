@@ -1,12 +1,12 @@
 """Uniform (affine) KV quantization: MLX's `mx.quantize` per `group_size` values, attention
 read through `mx.quantized_matmul` (mlx-lm `quantized_scaled_dot_product_attention`): the
-packed keys and values are never expanded to full precision."""
+packed keys and values are never expanded to full precision (except on CUDA, see below)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .codec import Mask, Parts, group_queries, masked
+from .codec import Mask, Parts, fold_queries, masked
 
 
 class UniformCodec:
@@ -14,8 +14,13 @@ class UniformCodec:
     # stalls when the key count is not a multiple of 64 (seen on an H200; bench/NOTES.md).
     key_align = 64
 
-    def __init__(self, bits: int, group_size: int) -> None:
+    def __init__(self, bits: int, group_size: int, packed: bool | None = None) -> None:
         self.bits, self.group_size = bits, group_size
+        # MLX 0.32's CUDA quantized_matmul has no kernel for many attention shapes (8-bit keys
+        # at 16k tokens: "No implementation for problem shape: 7x16448x128x4", seen on an
+        # H200), so there each layer's keys and values are expanded for the attention call;
+        # the cache still holds them packed. Elsewhere attention reads them packed.
+        self.packed = not mx.cuda.is_available() if packed is None else packed
 
     def encode_keys(self, keys: mx.array) -> Parts:
         return tuple(mx.quantize(keys, group_size=self.group_size, bits=self.bits))
@@ -26,11 +31,14 @@ class UniformCodec:
     def attention(
         self, queries: mx.array, keys: Parts, values: Parts, scale: float, mask: Mask
     ) -> mx.array:
+        if not self.packed:
+            k, v = (
+                mx.dequantize(*p, group_size=self.group_size, bits=self.bits)
+                for p in (keys, values)
+            )
+            return mx.fast.scaled_dot_product_attention(queries, k, v, scale=scale, mask=mask)
         shape = queries.shape
-        q, mask, grouped = group_queries(queries * scale, mask, keys[0].shape[1], keys[0].shape[2])
-        if grouped:
-            keys = tuple(mx.expand_dims(x, -3) for x in keys)
-            values = tuple(mx.expand_dims(x, -3) for x in values)
+        q, mask = fold_queries(queries * scale, mask, keys[0].shape[1], keys[0].shape[2])
         qmm = {"group_size": self.group_size, "bits": self.bits}
         scores = masked(mx.quantized_matmul(q, *keys, transpose=True, **qmm), mask)
         weights = mx.softmax(scores, axis=-1, precise=True)
