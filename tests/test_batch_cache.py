@@ -84,7 +84,7 @@ def test_batch_cache_refuses_a_width_the_step_was_not_laid_out_for():
     with pytest.raises(ValueError, match="feeds 1 token"):
         cache.make_mask(4)
     layout.begin(np.array([3, 1]), SLOTS, width=3)
-    assert cache.make_mask(3).shape == (2, 1, 3, 6)
+    assert cache.make_mask(3).shape == (2, 1, 3, T_STEP)
     with pytest.raises(ValueError, match="feeds 3 token"):
         cache.make_mask(1)
 
@@ -133,9 +133,11 @@ def test_wide_steps_with_per_row_rollback_match_from_scratch(checkpoint_factory,
 def test_wide_layout_geometry():
     layout, _ = make_batch_caches(1)
     layout.begin(np.array([2, 0]), SLOTS, width=2)
-    assert layout.span == 4
+    assert layout.span == T_STEP  # wide steps attend over whole T_STEPs (one kernel shape)
     mask = np.array(layout.mask)  # (rows, 1, width, span)
-    assert mask.shape == (2, 1, 2, 4)
+    assert mask.shape == (2, 1, 2, T_STEP)
+    assert not mask[:, :, :, 4:].any()  # the padding is never visible
+    mask = mask[:, :, :, :4]
     assert mask[0, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
     assert mask[1, 0].tolist() == [[True, False, False, False], [True, True, False, False]]
     cap = layout.capacity

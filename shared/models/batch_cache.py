@@ -52,6 +52,9 @@ class BatchLayout:
         """Lay out a step of `width` tokens over rows [0, len(lengths)); grow capacities."""
         rows = len(lengths)
         self.rows, self.width, self.span = rows, width, int(lengths.max()) + width
+        if width > 1:  # MLX CUDA compiles its multi-query attention kernel for each key length
+            # (~0.6 s each on an H200, bench/NOTES.md): attend over whole T_STEPs, extra masked.
+            self.span = _round_up(self.span, T_STEP)
         if rows > self.slots:
             self.slots = min(max_slots, _round_up(rows, SLOT_STEP))
         if self.span > self.capacity:
