@@ -160,3 +160,10 @@ def test_several_clips_and_one_per_turn_keep_their_order(stack: FakeStack) -> No
 )
 def test_bad_audio_parts_are_400(stack: FakeStack, part: dict[str, Any], needle: str) -> None:
     assert_error(chat(stack, [user(part)]), 400, needle)
+
+
+def test_too_many_clips_in_one_request_is_a_400(stack: FakeStack) -> None:
+    """Audio and video items have their own per-request cap (--max-media-per-request, 5)."""
+    clips = [input_audio(WAV + bytes([i])) for i in range(6)]
+    assert_error(chat(stack, [user(*clips)]), 400, "6 video and audio items in one request")
+    assert chat(stack, [user(*clips[:5])]).status_code == 200

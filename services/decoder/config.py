@@ -36,7 +36,7 @@ class EngineConfig:
     kv_tokens: int = 0
     kv_bytes_per_token: int = 0
 
-    def resolve(self, model: LoadedModel, **overrides: int | None) -> EngineConfig:
+    def resolve(self, model: LoadedModel, **overrides: int | str | None) -> EngineConfig:
         """Fill the derived fields from the model; keyword overrides (None = keep) first."""
         cfg = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
         text = text_config(model.config)

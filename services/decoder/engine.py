@@ -59,7 +59,7 @@ class DecoderEngine:
         config: EngineConfig | None = None,
         *,
         worker: mlx_thread.MLXWorker | None = None,
-        **overrides: int | None,
+        **overrides: int | str | None,
     ) -> None:
         if model.language is None:
             raise ValueError("the decoder needs the language model (components=['language'])")

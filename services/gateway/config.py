@@ -22,6 +22,7 @@ class GatewayConfig:
     # Local media paths are refused unless they resolve under this directory.
     allowed_local_media_path: str | None = None
     max_images_per_request: int = 5
+    max_media_per_request: int = 5  # video and audio items together
     max_image_bytes: int = 10 * MiB
     max_image_pixels: int = 50_000_000
     # Per video / audio item (images have their own cap).
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "PRISM_MAX_IMAGES_PER_REQUEST",
         "images per request",
         d.max_images_per_request,
+        type=int,
+    )
+    add(
+        "--max-media-per-request",
+        "PRISM_MAX_MEDIA_PER_REQUEST",
+        "video and audio items per request",
+        d.max_media_per_request,
         type=int,
     )
     add(
@@ -159,6 +167,7 @@ def config_from_args(argv: list[str] | None = None) -> GatewayConfig:
         api_key=a.api_key or None,
         allowed_local_media_path=a.allowed_local_media_path or None,
         max_images_per_request=int(a.max_images_per_request),
+        max_media_per_request=int(a.max_media_per_request),
         max_image_bytes=int(a.max_image_bytes),
         max_image_pixels=int(a.max_image_pixels),
         max_media_bytes=int(a.max_media_bytes),

@@ -87,12 +87,15 @@ class Pipeline:
                     param=spec.param,
                 )
         images = sum(s.modality == "image" for s in specs)
-        if images > self.config.max_images_per_request:
-            raise InvalidRequestError(
-                f"{images} images in one request; the limit is "
-                f"{self.config.max_images_per_request}",
-                param="messages",
-            )
+        others = len(specs) - images
+        for count, limit, what in (
+            (images, self.config.max_images_per_request, "images"),
+            (others, self.config.max_media_per_request, "video and audio items"),
+        ):
+            if count > limit:
+                raise InvalidRequestError(
+                    f"{count} {what} in one request; the limit is {limit}", param="messages"
+                )
 
     async def start(self, job: Job) -> Generation:
         waiting = self.metrics.waiting.labels(job.model)
