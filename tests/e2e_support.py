@@ -10,7 +10,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,14 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
+import openai
+import pytest
 from PIL import Image
 from prism.v1 import cache_pb2, cache_pb2_grpc, decoder_pb2, decoder_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.launcher import Stack, StackConfig
+from shared.api import LoadedModel, generate
 
 MODEL_ID = "tiny-vl"
 MAX_TOKENS = 12
@@ -74,6 +77,40 @@ def image_part(url: str) -> dict[str, Any]:
 
 def user(*parts: dict[str, Any], text: str = "What is in this picture?") -> list[dict[str, Any]]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def streamed_text(chunks: Iterable[Any]) -> str:
+    """The text of a streamed chat completion (chunks without choices carry usage only)."""
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def assert_image_chat_matches_in_process(
+    reference: LoadedModel, checkpoint: Path, tmp: Path, first: list[dict[str, Any]]
+) -> None:
+    """`first` (an image turn, streamed) and a follow-up turn about it (not streamed) through
+    the whole stack give exactly the in-process greedy text of `reference`; a video is refused
+    with a 400 (for models that take none)."""
+    answer = generate(reference, first, max_tokens=MAX_TOKENS, temperature=0.0)
+    follow_up = [*first, {"role": "assistant", "content": answer},
+                 {"role": "user", "content": "And what colour dominates it?"}]  # fmt: skip
+    with Stack(e2e_config(checkpoint, tmp)) as stack:
+        client = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [MODEL_ID]
+        kwargs: dict[str, Any] = {"model": MODEL_ID, "temperature": 0, "max_tokens": MAX_TOKENS}
+        streamed = streamed_text(
+            client.chat.completions.create(messages=first, stream=True, **kwargs)
+        )
+        reply = client.chat.completions.create(messages=follow_up, **kwargs)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                messages=[{"role": "user", "content": [
+                    {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},
+                ]}], **kwargs,
+            )  # fmt: skip
+    assert answer and streamed == answer
+    assert reply.choices[0].message.content == generate(
+        reference, follow_up, max_tokens=MAX_TOKENS, temperature=0.0
+    )
 
 
 @contextmanager

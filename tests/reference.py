@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from shared.media.types import ProcessedPrompt
 
@@ -88,3 +90,15 @@ def reference_greedy(model: Any, prompt: ProcessedPrompt, family: str, n: int) -
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Import into a parity test module to run its torch reference on one thread: the machine
+    is shared, and tiny models gain nothing from threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 from structlog.testing import capture_logs
 
-from services.decoder.apc.hashing import media_spans
 from services.decoder.apc.prefix import PrefixCache, PrefixConfig
 from services.decoder.config import EngineConfig, kv_dtype
-from services.decoder.engine import DecoderEngine, Delta, EngineRequest, Finish
+from services.decoder.engine import DecoderEngine, EngineRequest, Finish
 from shared.api import load
 from shared.loading.config import text_config
 from shared.runtime import mlx_thread
-from shared.runtime.generate import encode_media
+from tests.engine_support import collect, media_request, prepare_media_prompt
 
 BS = 16
 SYSTEM = "You are a careful assistant. Read the whole document before answering. " * 6
@@ -59,11 +56,7 @@ def setup(checkpoint_factory):
         full = load(path)
         prepared = {}
         for name, messages in PROMPTS.items():
-            prompt = full.processor(messages)
-            features = encode_media(full, prompt.media)
-            mx.eval([f.tensors() for f in features])
-            keys = [hashlib.sha256(np.asarray(f.features).tobytes()).hexdigest() for f in features]
-            prepared[name] = (prompt, features, keys)
+            prepared[name] = prepare_media_prompt(full, messages)
         return load(path, components=["language"]), prepared
 
     return mlx_thread.run_sync(build)
@@ -78,24 +71,8 @@ def engine_for(model, enabled: bool = True) -> DecoderEngine:
 
 def request(engine: DecoderEngine, setup, name: str, tenant: str = "") -> EngineRequest:
     model, prepared = setup
-    prompt, features, content_keys = prepared[name]
     pads = [model.processor.image_token_id, model.processor.video_token_id]
-    items = [(k, f.rows) for k, f in zip(content_keys, features, strict=True)]
-    spans = media_spans(prompt.input_ids, pads, items)
-    return EngineRequest(
-        name, prompt, features, max_tokens=12, ignore_eos=True,
-        prefix_keys=engine.prefix.keys(prompt.input_ids, spans, tenant),
-    )  # fmt: skip
-
-
-async def run(engine: DecoderEngine, req: EngineRequest) -> tuple[list[int], Finish]:
-    tokens: list[int] = []
-    async for event in engine.submit(req):
-        if isinstance(event, Delta):
-            tokens += event.token_ids
-        else:
-            return tokens, event
-    raise AssertionError("no Finish")
+    return media_request(engine, name, prepared[name], pads, max_tokens=12, tenant=tenant)
 
 
 def common_blocks(setup, x: str, y: str) -> int:
@@ -113,7 +90,7 @@ def reference(setup) -> dict[str, list[int]]:
     try:
         out = {}
         for name in PROMPTS:
-            out[name], finish = asyncio.run(run(engine, request(engine, setup, name)))
+            out[name], finish = asyncio.run(collect(engine, request(engine, setup, name)))
             assert finish.cached_tokens == 0
         return out
     finally:
@@ -128,7 +105,7 @@ def test_a_shared_prefix_is_reused_and_the_tokens_do_not_change(setup, reference
             ("b", common_blocks(setup, "a", "b")),  # the system prompt's whole blocks
             ("a", common_blocks(setup, "a", "a")),  # all but the last token, in whole blocks
         ):
-            tokens, finish = asyncio.run(run(engine, request(engine, setup, name)))
+            tokens, finish = asyncio.run(collect(engine, request(engine, setup, name)))
             assert tokens == reference[name], name
             assert finish.cached_tokens == expected_cached, name
         assert common_blocks(setup, "a", "b") >= 4 * BS  # the test means something
@@ -143,9 +120,9 @@ def test_a_shared_prefix_is_reused_and_the_tokens_do_not_change(setup, reference
 def test_a_different_image_stops_reuse_at_its_first_block(setup, reference) -> None:
     engine = engine_for(setup[0])
     try:
-        first = asyncio.run(run(engine, request(engine, setup, "img1")))
-        second = asyncio.run(run(engine, request(engine, setup, "img2")))
-        again = asyncio.run(run(engine, request(engine, setup, "img1")))
+        first = asyncio.run(collect(engine, request(engine, setup, "img1")))
+        second = asyncio.run(collect(engine, request(engine, setup, "img2")))
+        again = asyncio.run(collect(engine, request(engine, setup, "img1")))
     finally:
         engine.shutdown()
     model, prepared = setup
@@ -161,7 +138,7 @@ def test_tenants_never_share_blocks(setup, reference) -> None:
     engine = engine_for(setup[0])
     try:
         results = [
-            asyncio.run(run(engine, request(engine, setup, "a", tenant)))
+            asyncio.run(collect(engine, request(engine, setup, "a", tenant)))
             for tenant in ("alice", "bob", "alice")
         ]
     finally:
@@ -175,9 +152,9 @@ def test_concurrent_requests_with_a_shared_prefix(setup, reference) -> None:
     engine = engine_for(setup[0])
 
     async def scenario() -> list[tuple[list[int], Finish]]:
-        await run(engine, request(engine, setup, "a"))  # warms the system prompt's blocks
+        await collect(engine, request(engine, setup, "a"))  # warms the system prompt's blocks
         names = ["b", "img1", "a", "img2"]
-        return await asyncio.gather(*(run(engine, request(engine, setup, n)) for n in names))
+        return await asyncio.gather(*(collect(engine, request(engine, setup, n)) for n in names))
 
     try:
         results = asyncio.run(scenario())

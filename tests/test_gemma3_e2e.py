@@ -4,19 +4,13 @@ greedy text (`shared.api.generate`, itself token-exact with transformers)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import openai
 import pytest
 
-from services.launcher import Stack
-from shared.api import generate, load
+from shared.api import load
 from shared.testing.gemma3_fixture import make_gemma3_checkpoint
 from tests.e2e_support import (
-    MAX_TOKENS,
-    MODEL_ID,
+    assert_image_chat_matches_in_process,
     data_uri,
-    e2e_config,
     image_part,
     png_bytes,
     user,
@@ -32,23 +26,5 @@ def test_image_chat_through_the_gateway(checkpoint, tmp_path_factory) -> None:
     reference = load(checkpoint)
     image = data_uri(png_bytes(7, (64, 40)))
     first = user(image_part(image), text="What is in this picture?")
-    answer = generate(reference, first, max_tokens=MAX_TOKENS, temperature=0.0)
-    follow_up = [*first, {"role": "assistant", "content": answer},
-                 {"role": "user", "content": "And what colour dominates it?"}]  # fmt: skip
-    with Stack(e2e_config(checkpoint, tmp_path_factory.mktemp("e2e"))) as stack:
-        client = openai.OpenAI(base_url=stack.base_url, api_key="x", max_retries=0, timeout=120)
-        assert [m.id for m in client.models.list().data] == [MODEL_ID]
-        kwargs: dict[str, Any] = {"model": MODEL_ID, "temperature": 0, "max_tokens": MAX_TOKENS}
-        chunks = list(client.chat.completions.create(messages=first, stream=True, **kwargs))
-        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        reply = client.chat.completions.create(messages=follow_up, **kwargs)
-        with pytest.raises(openai.BadRequestError):  # Gemma 3 takes no video
-            client.chat.completions.create(
-                messages=[{"role": "user", "content": [
-                    {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},
-                ]}], **kwargs,
-            )  # fmt: skip
-    assert answer and streamed == answer
-    assert reply.choices[0].message.content == generate(
-        reference, follow_up, max_tokens=MAX_TOKENS, temperature=0.0
-    )
+    tmp = tmp_path_factory.mktemp("e2e")
+    assert_image_chat_matches_in_process(reference, checkpoint, tmp, first)  # Gemma 3: no video

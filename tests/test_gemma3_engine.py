@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 
-from services.decoder.apc.hashing import media_spans
 from services.decoder.apc.prefix import PrefixConfig
 from services.decoder.config import EngineConfig
-from services.decoder.engine import DecoderEngine, Delta, EngineRequest, Finish
+from services.decoder.engine import DecoderEngine, EngineRequest
 from shared.api import load
 from shared.models.gemma3.embedder import image_blocks
 from shared.runtime import mlx_thread
-from shared.runtime.generate import encode_media, stream_generate
+from shared.runtime.generate import stream_generate
 from shared.runtime.sampling import SamplingParams
 from shared.testing.gemma3_fixture import TOKEN_IDS, make_gemma3_checkpoint
+from tests.engine_support import collect, media_request, prepare_media_prompt
 
 BS = 16
 MAX_TOKENS = 12
@@ -61,13 +60,9 @@ def setup(tmp_path_factory):
         greedy = dataclasses.replace(full, eos_token_ids=frozenset())
         prepared, expected = {}, {}
         for name, messages in PROMPTS.items():
-            prompt = full.processor(messages)
-            features = encode_media(full, prompt.media)
-            mx.eval([f.tensors() for f in features])
-            keys = [hashlib.sha256(np.asarray(f.features).tobytes()).hexdigest() for f in features]
-            prepared[name] = (prompt, features, keys)
+            prepared[name] = prepare_media_prompt(full, messages)
             chunks = stream_generate(
-                greedy, prompt, max_tokens=MAX_TOKENS, sampling=SamplingParams()
+                greedy, prepared[name][0], max_tokens=MAX_TOKENS, sampling=SamplingParams()
             )
             expected[name] = [c.token for c in chunks]
         return load(path, components=["language"]), prepared, expected
@@ -84,23 +79,8 @@ def engine_for(model, apc: bool) -> DecoderEngine:
 
 def request(engine: DecoderEngine, setup, name: str) -> EngineRequest:
     model, prepared, _ = setup
-    prompt, features, content_keys = prepared[name]
-    items = [(k, f.rows) for k, f in zip(content_keys, features, strict=True)]
-    spans = media_spans(prompt.input_ids, [model.processor.image_token_id], items)
-    return EngineRequest(
-        name, prompt, features, max_tokens=MAX_TOKENS, ignore_eos=True,
-        prefix_keys=engine.prefix.keys(prompt.input_ids, spans, ""),
-    )  # fmt: skip
-
-
-async def run(engine: DecoderEngine, req: EngineRequest) -> tuple[list[int], Finish]:
-    tokens: list[int] = []
-    async for event in engine.submit(req):
-        if isinstance(event, Delta):
-            tokens += event.token_ids
-        else:
-            return tokens, event
-    raise AssertionError("no Finish")
+    pads = [model.processor.image_token_id]
+    return media_request(engine, name, prepared[name], pads, max_tokens=MAX_TOKENS)
 
 
 def test_concurrent_requests_match_the_in_process_path(setup) -> None:
@@ -109,7 +89,7 @@ def test_concurrent_requests_match_the_in_process_path(setup) -> None:
     assert not engine.prefix.enabled
 
     async def scenario():
-        return await asyncio.gather(*(run(engine, request(engine, setup, n)) for n in PROMPTS))
+        return await asyncio.gather(*(collect(engine, request(engine, setup, n)) for n in PROMPTS))
 
     try:
         results = asyncio.run(scenario())
@@ -124,8 +104,8 @@ def test_prefix_cache_reuse_ending_inside_an_image_is_exact(setup) -> None:
     engine = engine_for(setup[0], apc=True)
     assert engine.prefix.enabled  # the window is a mask over full KV: blocks are reusable
     try:
-        first, _ = asyncio.run(run(engine, request(engine, setup, "what")))
-        second, finish = asyncio.run(run(engine, request(engine, setup, "describe")))
+        first, _ = asyncio.run(collect(engine, request(engine, setup, "what")))
+        second, finish = asyncio.run(collect(engine, request(engine, setup, "describe")))
     finally:
         engine.shutdown()
     ids = np.asarray(setup[1]["describe"][0].input_ids)

@@ -16,7 +16,7 @@ import pytest
 from services.cli import main as prism
 from services.decoder.apc.prefix import PrefixConfig
 from services.decoder.config import EngineConfig
-from services.decoder.engine import DecoderEngine, Delta, EngineRequest, Finish
+from services.decoder.engine import DecoderEngine, EngineRequest, Finish
 from shared.api import load, stream_generate
 from shared.models.cache import KVCache
 from shared.models.kv_quant import (
@@ -28,6 +28,7 @@ from shared.models.kv_quant import (
 )
 from shared.runtime import mlx_thread
 from shared.testing.fixtures import make_checkpoint
+from tests.engine_support import collect
 from tests.test_kv_quant_quality import tiny_model
 
 SLOTS = 8
@@ -106,16 +107,6 @@ def small(tmp_path_factory):
 
 
 QUESTIONS = ["Tell me a long story about the sea.", "Tell me a long story about a fox.", "Hi"]
-
-
-async def collect(engine: DecoderEngine, req: EngineRequest) -> tuple[list[int], Finish]:
-    tokens: list[int] = []
-    async for event in engine.submit(req):
-        if isinstance(event, Delta):
-            tokens += event.token_ids
-        else:
-            return tokens, event
-    raise AssertionError("no Finish")
 
 
 def engine_run(model, cfg: KVQuantConfig) -> list[tuple[list[int], Finish]]:

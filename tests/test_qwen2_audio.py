@@ -154,13 +154,17 @@ def test_processor_matches_transformers(model: Any, hf_processor: Any, name: str
     assert np.abs(mel - theirs["input_features"].numpy()).max() < 1e-4
 
 
+def both_inputs(model: Any, hf_processor: Any, name: str) -> tuple[Any, dict[str, Any]]:
+    """One conversation as our processor and as transformers' processor prepare it."""
+    messages = CONVERSATIONS[name]
+    return model.processor(messages), hf_inputs(hf_processor, messages)
+
+
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_features_and_logits_match_transformers(
     model: Any, reference: Any, hf_processor: Any, name: str
 ) -> None:
-    messages = CONVERSATIONS[name]
-    prompt = model.processor(messages)
-    inputs = hf_inputs(hf_processor, messages)
+    prompt, inputs = both_inputs(model, hf_processor, name)
     captured: list[torch.Tensor] = []
     hook = reference.model.multi_modal_projector.register_forward_hook(
         lambda _m, _i, out: captured.append(out)
@@ -191,9 +195,7 @@ def reference_greedy(reference: Any, inputs: dict[str, Any], ids: list[int], n: 
 def test_greedy_32_tokens_match_transformers(
     model: Any, reference: Any, hf_processor: Any, name: str
 ) -> None:
-    messages = CONVERSATIONS[name]
-    prompt = model.processor(messages)
-    inputs = hf_inputs(hf_processor, messages)
+    prompt, inputs = both_inputs(model, hf_processor, name)
     expected = reference_greedy(reference, inputs, prompt.input_ids, N_NEW)
     ours = [c.token for c in stream_generate(model, prompt, max_tokens=N_NEW)]
     # Ours stops at EOS (the two-clip prompt meets <|endoftext|> at token 19); the reference

@@ -19,7 +19,14 @@ from services.launcher import Stack
 from shared.api import LoadedModel, generate, load
 from shared.media.audio import encode_wav
 from shared.testing.qwen2_audio_fixture import SAMPLING_RATE, make_qwen2_audio_checkpoint
-from tests.e2e_support import MAX_TOKENS, data_uri, e2e_config, media_dir, png_bytes
+from tests.e2e_support import (
+    MAX_TOKENS,
+    data_uri,
+    e2e_config,
+    media_dir,
+    png_bytes,
+    streamed_text,
+)
 
 MODEL = "tiny-audio"
 
@@ -90,8 +97,9 @@ def chat(client: openai.OpenAI, messages: list[dict[str, Any]], stream: bool = F
         reply = client.chat.completions.create(max_tokens=MAX_TOKENS, **kwargs)
         assert reply.usage is not None and reply.usage.prompt_tokens > 20
         return reply.choices[0].message.content or ""
-    chunks = client.chat.completions.create(max_tokens=MAX_TOKENS, stream=True, **kwargs)
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return streamed_text(
+        client.chat.completions.create(max_tokens=MAX_TOKENS, stream=True, **kwargs)
+    )
 
 
 def test_audio_through_the_gateway(stack: Stack, checkpoint: Path) -> None:

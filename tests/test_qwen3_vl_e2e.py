@@ -15,7 +15,15 @@ import pytest
 from services.launcher import Stack
 from shared.api import generate, load
 from shared.testing.qwen3_vl_fixture import make_qwen3_vl_checkpoint
-from tests.e2e_support import MAX_TOKENS, data_uri, e2e_config, image_part, png_bytes, user
+from tests.e2e_support import (
+    MAX_TOKENS,
+    data_uri,
+    e2e_config,
+    image_part,
+    png_bytes,
+    streamed_text,
+    user,
+)
 from tests.media_samples import sample_video
 
 MODEL = "tiny-qwen3-vl"
@@ -26,8 +34,9 @@ def chat(client: openai.OpenAI, messages: list[dict[str, Any]], stream: bool) ->
     if not stream:
         reply = client.chat.completions.create(max_tokens=MAX_TOKENS, **kwargs)
         return reply.choices[0].message.content or ""
-    chunks = client.chat.completions.create(max_tokens=MAX_TOKENS, stream=True, **kwargs)
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return streamed_text(
+        client.chat.completions.create(max_tokens=MAX_TOKENS, stream=True, **kwargs)
+    )
 
 
 def test_image_and_video_through_the_gateway_match_in_process(

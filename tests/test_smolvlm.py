@@ -26,31 +26,28 @@ from shared.api import build_messages, load  # noqa: E402
 from shared.media.image import load_image  # noqa: E402
 from shared.media.types import ProcessedPrompt  # noqa: E402
 from shared.models.smolvlm.processor import SmolVLMProcessor, tile_layout  # noqa: E402
-from shared.runtime.generate import encode_media, prepare_inputs, stream_generate  # noqa: E402
-from shared.runtime.sampling import SamplingParams  # noqa: E402
+from shared.runtime.generate import encode_media, stream_generate  # noqa: E402
 from shared.testing.smolvlm_fixture import (  # noqa: E402
     IMAGE_SEQ_LEN,
     TOKEN_IDS,
     make_smolvlm_checkpoint,
 )
 from tests.media_samples import sample_image  # noqa: E402
-from tests.reference import rel_err  # noqa: E402
+from tests.reference import one_torch_thread, rel_err  # noqa: E402, F401  (autouse fixture)
+from tests.vlm_parity_support import (  # noqa: E402
+    N_TOKENS,
+    assert_matches_dequantized,
+    our_greedy,
+    our_logits,
+    split_loaded_names,
+)
 
 TOL = 1e-4
-N_TOKENS = 32
 IMAGE_ID = TOKEN_IDS["<image>"]
 REF_CLASSES = {
     "smolvlm": "SmolVLMForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from threads
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -148,21 +145,6 @@ def ref_greedy(ref: Any, prompt: ProcessedPrompt, n: int = N_TOKENS) -> list[int
         out.append(int(torch.argmax(logits)))
         kwargs = {"input_ids": torch.tensor([[out[-1]]])}
     return out
-
-
-def our_logits(model: Any, prompt: ProcessedPrompt) -> np.ndarray:
-    inputs = prepare_inputs(model, prompt, encode_media(model, prompt.media))
-    logits = model.language(
-        inputs.input_ids, model.language.make_cache(), input_embeddings=inputs.input_embeddings
-    )
-    return np.array(logits[0].astype(mx.float32))
-
-
-def our_greedy(model: Any, prompt: ProcessedPrompt, n: int = N_TOKENS) -> list[int]:
-    model = dataclasses.replace(model, eos_token_ids=frozenset())  # always n tokens
-    return [
-        c.token for c in stream_generate(model, prompt, max_tokens=n, sampling=SamplingParams())
-    ]
 
 
 def our_prompt(model: Any, messages: list[dict], split: bool) -> ProcessedPrompt:
@@ -272,22 +254,13 @@ def test_4bit_matches_its_dequantized_weights(ckpt, prompts) -> None:
     assert not any(k.startswith("vision_model.") and k.endswith(".scales") for k in names)
     _dequantized_copy(d.language)
     _dequantized_copy(d.vision)
-    prompt = q.processor(prompts["one_image"])
-    err = rel_err(our_logits(q, prompt), our_logits(d, prompt))
-    assert err <= TOL, f"quantized vs dequantized logits relative error {err:.2e}"
-    assert our_greedy(q, prompt, 16) == our_greedy(d, prompt, 16)
+    assert_matches_dequantized(q, d, q.processor(prompts["one_image"]), TOL)
 
 
 def test_split_loading_keeps_halves_apart(ckpt) -> None:
-    from mlx.utils import tree_flatten
-
-    path = ckpt("hf")
-    vision, language = load(path, components=["vision"]), load(path, components=["language"])
-    assert vision.language is None and language.vision is None
-    names = [k for k, _ in tree_flatten(vision.vision.parameters())]
+    names, lm_names = split_loaded_names(ckpt("hf"))
     assert any(k.startswith("connector.") for k in names)  # the encoder projects
     assert all(k.startswith(("vision_model.", "connector.")) for k in names)
-    lm_names = [k for k, _ in tree_flatten(language.language.parameters())]
     assert all(k.startswith(("model.", "lm_head.")) for k in lm_names)
 
 

@@ -4,7 +4,6 @@ batch proposes equals the head run from scratch over the target's captured state
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -12,13 +11,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.decoder.engine import DecoderEngine, Delta, EngineRequest
+from services.decoder.engine import DecoderEngine, EngineRequest
 from services.decoder.spec import detect_kind
 from services.decoder.spec.eagle3 import Eagle3Proposer
 from shared.api import load
 from shared.models.eagle3 import load_eagle3
 from shared.models.eagle3.random import make_eagle3
 from shared.runtime import mlx_thread
+from tests.engine_support import start_and_run
 
 K = 3
 TEXTS = ["the cat sat on the mat. the cat", "Tell me about the fox.", "a b c a b c", "Why? " * 5]
@@ -54,22 +54,11 @@ def run(model, prompts, **kwargs) -> tuple[list[list[int]], DecoderEngine]:
     if isinstance(engine.core.drafter, Eagle3Proposer):
         engine.core.drafter.__class__ = Recording
         engine.core.drafter.log = []
-    engine.start()
-
-    async def go() -> list[list[int]]:
-        handles = [
-            engine.submit(EngineRequest(f"r{i}", p, max_tokens=10 + 2 * i, ignore_eos=True))
-            for i, p in enumerate(prompts)
-        ]
-        outs = []
-        for h in handles:
-            outs.append([t async for e in h if isinstance(e, Delta) for t in e.token_ids])
-        return outs
-
-    try:
-        return asyncio.run(go()), engine
-    finally:
-        engine.shutdown()
+    requests = [
+        EngineRequest(f"r{i}", p, max_tokens=10 + 2 * i, ignore_eos=True)
+        for i, p in enumerate(prompts)
+    ]
+    return start_and_run(engine, requests), engine
 
 
 def scratch_drafts(model, head, history: list[int], k: int) -> list[int]:
@@ -141,22 +130,11 @@ def test_eagle3_with_images(checkpoint_factory, tmp_path):
 
     def go(**kwargs) -> tuple[list[list[int]], DecoderEngine]:
         engine = DecoderEngine(model, "vl", max_num_seqs=4, max_num_batched_tokens=64, **kwargs)
-        engine.start()
-
-        async def consume() -> list[list[int]]:
-            handles = [
-                engine.submit(EngineRequest(f"v{i}", p, list(f), max_tokens=12, ignore_eos=True))
-                for i, (p, f) in enumerate(built)
-            ]
-            outs = []
-            for h in handles:
-                outs.append([t async for e in h if isinstance(e, Delta) for t in e.token_ids])
-            return outs
-
-        try:
-            return asyncio.run(consume()), engine
-        finally:
-            engine.shutdown()
+        requests = [
+            EngineRequest(f"v{i}", p, list(f), max_tokens=12, ignore_eos=True)
+            for i, (p, f) in enumerate(built)
+        ]
+        return start_and_run(engine, requests), engine
 
     want, _ = go()
     got, engine = go(draft_model=str(head), num_draft_tokens=K)

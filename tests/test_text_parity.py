@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from shared.models.base import LanguageModel  # noqa: E402
 from shared.models.rope import initialize_rope  # noqa: E402
+from tests.reference import one_torch_thread  # noqa: E402, F401  (autouse fixture)
 
 TOL = 1e-4
 N_NEW = 32
@@ -108,14 +109,6 @@ def mlx_greedy(model, ids: np.ndarray, n: int) -> list[int]:
         out.append(tok)
         logits = model(mx.array([[tok]]), cache)
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from threads
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -6,10 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.media.types import ProcessedPrompt
-
-
-class MediaNotSupportedError(ValueError):
-    """A request carried a modality this model does not accept."""
+from shared.models.chat_messages import not_accepted
 
 
 def message_text(content: str | list[dict[str, Any]] | None, allowed: tuple[str, ...]) -> str:
@@ -22,14 +19,15 @@ def message_text(content: str | list[dict[str, Any]] | None, allowed: tuple[str,
         if kind == "text":
             texts.append(part.get("text", ""))
         else:
-            modality = kind.removesuffix("_url")
-            raise MediaNotSupportedError(
-                f"this model does not accept {modality} input; it accepts: {', '.join(allowed)}"
-            )
+            raise not_accepted(kind.removesuffix("_url"), allowed)
     return "".join(texts)
 
 
 class TextProcessor:
+    """Not a `ChatProcessor`: it uses the tokenizer's own template (which may pick a tool-use
+    variant), falls back to plain text without one, and has no `build_prompt` (the decoder
+    tells text models by that)."""
+
     modalities = ("text",)
 
     def __init__(self, tokenizer: Any) -> None:

@@ -9,13 +9,13 @@ Family differences are flags on `TransformerArgs`: q/k/v bias, o bias, per-head 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .base import BaseModelArgs, Cache
-from .cache import KVCache
+from .causal_lm import CausalLM
 from .kv_quant.protocol import AttendingCache
 from .rope import RoPE, RotaryPositions, initialize_rope
 
@@ -82,6 +82,30 @@ def create_attention_mask(length: int, cache: Cache | None) -> str | mx.array | 
     return attention_mask(length)
 
 
+def cached_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    mask: str | mx.array | None,
+    cache: Any,
+    first_key: int = 0,
+) -> mx.array:
+    """(B, H, L, D) attention of `q` over `cache` with this call's `k`/`v` appended.
+
+    An `AttendingCache` (quantized / windowed) reads its own storage. Otherwise the cache hands
+    back every key so far, and keys before `first_key` (outside every query's window: Gemma 3's
+    sliding layers) are dropped before the attention.
+    """
+    if isinstance(cache, AttendingCache):
+        return cache.attend(q, k, v, scale, mask)
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    if first_key:
+        k, v = k[..., first_key:, :], v[..., first_key:, :]
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, args: TransformerArgs) -> None:
         super().__init__()
@@ -114,12 +138,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         q, k = rope.apply(q, positions), rope.apply(k, positions)
-        if isinstance(cache, AttendingCache):  # quantized / windowed: reads its own storage
-            out = cache.attend(q, k, v, self.scale, mask)
-        else:
-            if cache is not None:
-                k, v = cache.update_and_fetch(k, v)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = cached_attention(q, k, v, self.scale, mask, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
@@ -160,10 +179,13 @@ class DecoderLayer(nn.Module):
 class TransformerModel(nn.Module):
     """The decoder stack: embeddings, layers, final norm. Returns normalised hidden states."""
 
+    # Subclasses swap in a layer that takes extra per-call state (Qwen3-VL's DeepStack).
+    layer_class: ClassVar[type[DecoderLayer]] = DecoderLayer
+
     def __init__(self, args: TransformerArgs, rope: RoPE | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.layers = [self.layer_class(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         # One rope for all layers (it has no parameters): positions are computed once per call.
         self.rope = rope if rope is not None else args.make_rope()
@@ -207,16 +229,15 @@ class TransformerModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
-    """Decoder + LM head; implements the `LanguageModel` protocol."""
+class Model(CausalLM):
+    """Decoder + LM head; implements the `LanguageModel` protocol.
 
-    def __init__(self, args: TransformerArgs, rope: RoPE | None = None) -> None:
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = TransformerModel(args, rope)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+    `model` replaces the plain `TransformerModel` (a subclass adding per-family inputs)."""
+
+    def __init__(
+        self, args: TransformerArgs, rope: RoPE | None = None, model: TransformerModel | None = None
+    ) -> None:
+        super().__init__(args, model if model is not None else TransformerModel(args, rope))
 
     def __call__(
         self,
@@ -226,32 +247,7 @@ class Model(nn.Module):
         input_embeddings: mx.array | None = None,
         position_ids: mx.array | None = None,
     ) -> mx.array:
-        h = self.model(inputs, cache, input_embeddings, position_ids)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return self.logits(self.model(inputs, cache, input_embeddings, position_ids))
 
     def embed(self, input_ids: mx.array) -> mx.array:
         return self.model.embed_tokens(input_ids)
-
-    def make_cache(self) -> list[Cache]:
-        return [KVCache() for _ in self.layers]
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drop rope buffers some checkpoints carry, and the duplicate head of tied models."""
-        out = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
-        return out
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    @property
-    def head_dim(self) -> int:
-        return self.args.head_dim
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.args.num_key_value_heads

@@ -1,4 +1,4 @@
-"""Pieces shared by the Qwen2-VL and Qwen2.5-VL vision towers (MLX).
+"""Pieces shared by the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers (MLX).
 
 Layout conventions follow transformers' `modeling_qwen2_vl.py` / `modeling_qwen2_5_vl.py`:
 patches arrive flattened as (N, C*T*P*P) in spatial-merge-block order, attention is packed
@@ -221,6 +221,40 @@ class VisionAttention(nn.Module):
         return self.proj(segment_attention(q, k, v, cu_seqlens, self.scale))
 
 
+class VisionMlp(nn.Module):
+    """Linear-activation-Linear, named `fc1` / `fc2` as in the Qwen2-VL and SigLIP checkpoints."""
+
+    def __init__(self, dim: int, hidden_dim: int, hidden_act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self._act = activation(hidden_act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self._act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm ViT block over packed patches: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    The Qwen towers differ only in the norm (LayerNorm / RMSNorm, built by `norm(dim)`) and the
+    MLP (parameter names, gating), so both come from the caller.
+    """
+
+    def __init__(self, dim: int, num_heads: int, norm: Callable[[int], nn.Module], mlp: nn.Module):
+        super().__init__()
+        self.norm1 = norm(dim)
+        self.norm2 = norm(dim)
+        self.attn = VisionAttention(dim, num_heads)
+        self.mlp = mlp
+
+    def __call__(
+        self, x: mx.array, cos: mx.array, sin: mx.array, cu_seqlens: Sequence[int]
+    ) -> mx.array:
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
 class PatchMerger(nn.Module):
     """Norm each patch, concatenate each merge x merge block, then Linear-GELU-Linear.
 
@@ -242,6 +276,31 @@ class PatchMerger(nn.Module):
         for layer in self.mlp:
             x = layer(x)
         return x
+
+
+class PackedVisionTower(nn.Module):
+    """What the Qwen towers share around their blocks: reading and checking `grid_thw`, the
+    per-frame rotary tables and segments, and checkpoint clean-up. `args` needs in_channels,
+    patch_size, temporal_patch_size, spatial_merge_size and rope_theta."""
+
+    args: Any
+
+    def grid(self, pixel_values: mx.array, grid_thw: Any) -> Grid:
+        grid = as_grid_list(grid_thw)
+        check_patch_count(pixel_values, grid)
+        return grid
+
+    def frame_rotary(self, grid: Grid, head_dim: int) -> tuple[mx.array, mx.array, list[int]]:
+        """cos, sin for the patches in merge-block order, and one attention segment per frame
+        (an image is one frame, a video t of them)."""
+        a = self.args
+        positions = vision_position_ids(grid, a.spatial_merge_size)
+        cos, sin = rotary_cos_sin(positions, head_dim, a.rope_theta)
+        return cos, sin, frame_cu_seqlens(grid)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        a = self.args
+        return sanitize_vision_weights(weights, a.in_channels, a.temporal_patch_size, a.patch_size)
 
 
 def check_patch_count(pixel_values: mx.array, grid: Grid) -> None:

@@ -19,24 +19,30 @@ torch and transformers are imported lazily.
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from . import mlx_convert
-from .fixtures import MLX_LAYOUTS, _randomize
-from .tokenizer import BPE_VOCAB_SIZE, CORPUS, QWEN_PATTERN
+from .checkpoint_io import (
+    check_layout,
+    mlx_convert_layout,
+    randomized,
+    save_safetensors,
+    special_only_tokenizer_json,
+    special_token_ids,
+    special_tokens_decoder,
+    via_hf_checkpoint,
+    write_json,
+    write_tokenizer_files,
+)
+from .fixtures import MLX_LAYOUTS
+from .tokenizer import BPE_VOCAB_SIZE
 
 GEMMA3_LAYOUTS = ("hf", "hf-legacy", "mlx", "mlx-4bit", "mlx-8bit")
 ADDED_TOKENS = [
     "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
     "<start_of_image>", "<end_of_image>", "<image_soft_token>",
 ]  # fmt: skip
-TOKEN_IDS = {t: BPE_VOCAB_SIZE + i for i, t in enumerate(ADDED_TOKENS)}
+TOKEN_IDS = special_token_ids(ADDED_TOKENS)
 VOCAB_SIZE = BPE_VOCAB_SIZE + len(ADDED_TOKENS)
 MM_TOKENS = 16  # 4 x 4 pooled tokens per image
 IMAGE_SIZE, PATCH = 32, 4  # an 8 x 8 patch grid, pooled by 2
@@ -168,38 +174,16 @@ def preprocessor_config() -> dict[str, Any]:
     }
 
 
-@cache
 def _tokenizer_json() -> str:
     """Byte-level BPE on the shared corpus, then Gemma's special tokens (no BOS post-processor:
     the chat template writes `<bos>`)."""
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ADDED_TOKENS])
-    return tok.to_str()
+    return special_only_tokenizer_json(ADDED_TOKENS)
 
 
 def _tokenizer_config() -> dict[str, Any]:
-    decoder = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
-        for t, i in TOKEN_IDS.items()
-    }  # fmt: skip
     return {
         "add_bos_token": False,
-        "added_tokens_decoder": decoder,
+        "added_tokens_decoder": special_tokens_decoder(TOKEN_IDS),
         "bos_token": "<bos>",
         "chat_template": GEMMA3_TEMPLATE,
         "clean_up_tokenization_spaces": False,
@@ -216,34 +200,21 @@ def _tokenizer_config() -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def write_sidecars(out_dir: Path, *, text_only: bool, legacy: bool) -> None:
     """Tokenizer (+ template), generation config and (VLM) pre-processor configs."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) if not legacy else out_dir
-        Tokenizer.from_str(_tokenizer_json()).save(str(src / "tokenizer.json"), pretty=True)
-        _write_json(src / "tokenizer_config.json", _tokenizer_config())
-        if not legacy:  # transformers 5 writes its own files (template in chat_template.jinja)
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(tmp).save_pretrained(str(out_dir))
+    write_tokenizer_files(out_dir, _tokenizer_json(), _tokenizer_config(), legacy=legacy)
     eos = [TOKEN_IDS["<eos>"], TOKEN_IDS["<end_of_turn>"]]
     generation = {"bos_token_id": TOKEN_IDS["<bos>"], "eos_token_id": eos,
                   "pad_token_id": TOKEN_IDS["<pad>"], "transformers_version": "4.50.0.dev0"}  # fmt: skip
-    _write_json(out_dir / "generation_config.json", generation)
+    write_json(out_dir / "generation_config.json", generation)
     if not text_only:
-        _write_json(out_dir / "preprocessor_config.json", preprocessor_config())
+        write_json(out_dir / "preprocessor_config.json", preprocessor_config())
         processor = {"image_seq_length": MM_TOKENS, "processor_class": "Gemma3Processor"}
-        _write_json(out_dir / "processor_config.json", processor)
+        write_json(out_dir / "processor_config.json", processor)
 
 
 def build_torch_model(*, text_only: bool = False, seed: int = DEFAULT_SEED, dtype: str = "float32"):
     """The transformers model with deterministic, well-spread random weights."""
-    import torch
     import transformers
 
     cfg = copy.deepcopy(legacy_config(text_only, dtype))
@@ -256,10 +227,7 @@ def build_torch_model(*, text_only: bool = False, seed: int = DEFAULT_SEED, dtyp
             transformers.Gemma3ForConditionalGeneration,
             transformers.Gemma3Config(**cfg),
         )
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    _randomize(model, seed)
-    return model.to(getattr(torch, dtype)).eval()
+    return randomized(model_cls, config, seed, dtype)
 
 
 def _legacy_key(key: str) -> str:
@@ -275,13 +243,11 @@ def _legacy_key(key: str) -> str:
 
 
 def _save_legacy(model, out_dir: Path, text_only: bool, dtype: str) -> None:
-    from safetensors.torch import save_file
-
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     tensors = {_legacy_key(k): v.contiguous() for k, v in sorted(state.items())}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out_dir / "config.json", legacy_config(text_only, dtype))
+    save_safetensors(tensors, out_dir / "model.safetensors")
+    write_json(out_dir / "config.json", legacy_config(text_only, dtype))
     write_sidecars(out_dir, text_only=text_only, legacy=True)
 
 
@@ -294,19 +260,16 @@ def make_gemma3_checkpoint(
     dtype: str = "float32",
 ) -> Path:
     """Write a tiny random Gemma 3 checkpoint in `layout`; return `out_dir`."""
-    if layout not in GEMMA3_LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {GEMMA3_LAYOUTS}")
+    check_layout(layout, GEMMA3_LAYOUTS)
     out_dir = Path(out_dir)
     if layout in MLX_LAYOUTS:
-        quant = MLX_LAYOUTS[layout]
-        group, bits = quant or (64, 4)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = make_gemma3_checkpoint(
-                Path(tmp), "hf-legacy", text_only=text_only, seed=seed, dtype=dtype
-            )
-            return mlx_convert.convert(
-                src, out_dir, quantize=quant is not None, q_group_size=group, q_bits=bits
-            )
+        return via_hf_checkpoint(
+            lambda tmp: make_gemma3_checkpoint(
+                tmp, "hf-legacy", text_only=text_only, seed=seed, dtype=dtype
+            ),
+            out_dir,
+            mlx_convert_layout(layout),
+        )
     model = build_torch_model(text_only=text_only, seed=seed, dtype=dtype)
     if layout == "hf-legacy":
         _save_legacy(model, out_dir, text_only, dtype)

@@ -19,17 +19,24 @@ positions), so a clip longer than 2 s is cut as a 30 s one is on the real model.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from . import mlx_convert
+from .checkpoint_io import (
+    check_layout,
+    quantization_entries,
+    randomized,
+    via_hf_checkpoint,
+    write_json,
+    write_tokenizer_files,
+)
+from .fixtures import MLX_LAYOUTS
 from .tokenizer import BPE_VOCAB_SIZE, QWEN_ADDED_TOKENS, _tokenizer_config, build_tokenizer
 
 LAYOUTS = ("hf", "hf-legacy", "mlx", "mlx-4bit", "mlx-8bit")
-MLX_LAYOUTS = {"mlx": None, "mlx-4bit": (64, 4), "mlx-8bit": (64, 8)}
 AUDIO_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 SAMPLING_RATE = 16000
 CHUNK_SECONDS = 2
@@ -110,19 +117,10 @@ def generation_config() -> dict[str, Any]:
 
 
 def build_torch_model(seed: int = 0, dtype: str = "float32") -> Any:
-    import torch
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-    from .fixtures import _randomize
-
-    torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(Qwen2AudioConfig(**model_config(dtype)))
-    _randomize(model, seed)
-    return model.to(getattr(torch, dtype)).eval()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    config = Qwen2AudioConfig(**model_config(dtype))
+    return randomized(Qwen2AudioForConditionalGeneration, config, seed, dtype)
 
 
 def write_tokenizer(out_dir: Path, *, legacy: bool) -> None:
@@ -131,28 +129,20 @@ def write_tokenizer(out_dir: Path, *, legacy: bool) -> None:
 
     tok = build_tokenizer("qwen")
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in AUDIO_TOKENS])
-    if not legacy:
-        from transformers import AutoTokenizer
-
-        with tempfile.TemporaryDirectory() as tmp:
-            write_tokenizer(Path(tmp), legacy=True)
-            AutoTokenizer.from_pretrained(tmp).save_pretrained(str(out_dir))
-        return
-    tok.save(str(out_dir / "tokenizer.json"), pretty=True)
     cfg = _tokenizer_config("qwen", TEMPLATE)
     for i, token in enumerate(AUDIO_TOKENS):
         entry = dict(cfg["added_tokens_decoder"][str(BPE_VOCAB_SIZE)], content=token, special=True)
         cfg["added_tokens_decoder"][str(AUDIO_TOKEN_ID + i)] = entry
     cfg["additional_special_tokens"] = [*cfg["additional_special_tokens"], *AUDIO_TOKENS]
-    _write_json(out_dir / "tokenizer_config.json", cfg)
+    write_tokenizer_files(out_dir, tok.to_str(), cfg, legacy=legacy)
 
 
 def _write_sidecars(out_dir: Path, *, legacy: bool) -> None:
     write_tokenizer(out_dir, legacy=legacy)
-    _write_json(out_dir / "preprocessor_config.json", preprocessor_config())
-    _write_json(out_dir / "generation_config.json", generation_config())
+    write_json(out_dir / "preprocessor_config.json", preprocessor_config())
+    write_json(out_dir / "generation_config.json", generation_config())
     if legacy:
-        _write_json(out_dir / "chat_template.json", {"chat_template": TEMPLATE})
+        write_json(out_dir / "chat_template.json", {"chat_template": TEMPLATE})
     else:
         (out_dir / "chat_template.jinja").write_text(TEMPLATE)
 
@@ -183,9 +173,8 @@ def _convert(src: Path, out_dir: Path, layout: str) -> Path:
     config = json.loads((src / "config.json").read_text())
     config = mlx_convert._mlx_config(config, generation_config(), vlm=True)
     if quant is not None:
-        config["quantization"] = {"group_size": quant[0], "bits": quant[1], "mode": "affine"}
-        config["quantization_config"] = dict(config["quantization"])
-    _write_json(out_dir / "config.json", dict(sorted(config.items())))
+        quantization_entries(config, quant)
+    write_json(out_dir / "config.json", dict(sorted(config.items())))
     _write_sidecars(out_dir, legacy=True)
     return out_dir
 
@@ -194,13 +183,14 @@ def make_qwen2_audio_checkpoint(
     out_dir: Path, layout: str = "hf", *, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Write a random tiny Qwen2-Audio checkpoint in `layout`; return `out_dir`."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    check_layout(layout, LAYOUTS)
     out_dir = Path(out_dir)
     if layout in MLX_LAYOUTS:
-        with tempfile.TemporaryDirectory() as tmp:
-            src = make_qwen2_audio_checkpoint(Path(tmp), "hf-legacy", seed=seed, dtype=dtype)
-            return _convert(src, out_dir, layout)
+        return via_hf_checkpoint(
+            lambda tmp: make_qwen2_audio_checkpoint(tmp, "hf-legacy", seed=seed, dtype=dtype),
+            out_dir,
+            lambda src, dst: _convert(src, dst, layout),
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_torch_model(seed, dtype)
     # transformers 5 saves the Hub's (legacy) names by default; "hf" keeps its own.

@@ -1,4 +1,3 @@
-# ruff: noqa: E501  (the chat template is kept verbatim, long lines included)
 """Tiny random Qwen3-VL checkpoints in the real on-disk layouts, for the test suite.
 
 `make_qwen3_vl_checkpoint(out_dir, layout)` writes one model directory:
@@ -20,14 +19,20 @@ taps after blocks 0 and 1, and a 3-layer Qwen3 LM (width 64, head_dim 16, M-RoPE
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import mlx_convert
+from .checkpoint_io import (
+    check_layout,
+    mlx_convert_layout,
+    randomized,
+    save_safetensors,
+    via_hf_checkpoint,
+    write_json,
+)
 from .configs import generation_config
-from .fixtures import MLX_LAYOUTS, _randomize
+from .fixtures import MLX_LAYOUTS
+from .templates import QWEN3_VL_TEMPLATE
 from .tokenizer import special_token_ids, vocab_size, write_tokenizer
 
 LAYOUTS = ("hf", "hf-legacy", "mlx", "mlx-4bit", "mlx-8bit")
@@ -36,94 +41,7 @@ IMAGE_PIXELS = (64 * 64, 256 * 256)  # (min, max) per image
 VIDEO_PIXELS = (64 * 64, 8 * 64 * 64)  # (min, max) over frames x height x width
 MROPE_SECTION = [2, 3, 3]
 
-# Qwen/Qwen3-VL-*-Instruct chat_template.json (no default system prompt; tool calling).
-TEMPLATE = """{%- set image_count = namespace(value=0) %}
-{%- set video_count = namespace(value=0) %}
-{%- macro render_content(content, do_vision_count) %}
-    {%- if content is string %}
-        {{- content }}
-    {%- else %}
-        {%- for item in content %}
-            {%- if 'image' in item or 'image_url' in item or item.type == 'image' %}
-                {%- if do_vision_count %}
-                    {%- set image_count.value = image_count.value + 1 %}
-                {%- endif %}
-                {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
-                <|vision_start|><|image_pad|><|vision_end|>
-            {%- elif 'video' in item or item.type == 'video' %}
-                {%- if do_vision_count %}
-                    {%- set video_count.value = video_count.value + 1 %}
-                {%- endif %}
-                {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
-                <|vision_start|><|video_pad|><|vision_end|>
-            {%- elif 'text' in item %}
-                {{- item.text }}
-            {%- endif %}
-        {%- endfor %}
-    {%- endif %}
-{%- endmacro %}
-{%- if tools %}
-    {{- '<|im_start|>system\\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- render_content(messages[0].content, false) + '\\n\\n' }}
-    {%- endif %}
-    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\\n' + render_content(messages[0].content, false) + '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- set content = render_content(message.content, True) %}
-    {%- if message.role == "system" %}
-        {%- if not loop.first %}
-            {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
-        {%- endif %}
-    {%- elif message.role == "user" %}
-        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role + '\\n' + content }}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and content) or (not loop.first) %}
-                    {{- '\\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\\n<tool_response>\\n' }}
-        {{- content }}
-        {{- '\\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
+TEMPLATE = QWEN3_VL_TEMPLATE
 
 
 def model_config(dtype: str = "float32") -> dict[str, Any]:
@@ -217,55 +135,43 @@ def video_preprocessor_config() -> dict[str, Any]:
 
 def build_torch_model(seed: int = 0, dtype: str = "float32"):
     """transformers' Qwen3VLForConditionalGeneration with spread-out random weights."""
-    import torch
     import transformers
 
     cfg = copy.deepcopy(model_config(dtype))
     for key in ("architectures", "transformers_version"):
         cfg.pop(key)
-    torch.manual_seed(seed)
-    model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**cfg))
-    _randomize(model, seed)
-    return model.to(getattr(torch, dtype)).eval()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    model_cls = transformers.Qwen3VLForConditionalGeneration
+    return randomized(model_cls, transformers.Qwen3VLConfig(**cfg), seed, dtype)
 
 
 def _sidecars(out_dir: Path, legacy: bool) -> None:
     write_tokenizer("qwen", out_dir, TEMPLATE, legacy=legacy)
-    _write_json(out_dir / "generation_config.json", generation_config("qwen2_vl"))
-    _write_json(out_dir / "preprocessor_config.json", preprocessor_config())
-    _write_json(out_dir / "video_preprocessor_config.json", video_preprocessor_config())
+    write_json(out_dir / "generation_config.json", generation_config("qwen2_vl"))
+    write_json(out_dir / "preprocessor_config.json", preprocessor_config())
+    write_json(out_dir / "video_preprocessor_config.json", video_preprocessor_config())
     if legacy:
-        _write_json(out_dir / "chat_template.json", {"chat_template": TEMPLATE})
+        write_json(out_dir / "chat_template.json", {"chat_template": TEMPLATE})
 
 
 def _save_legacy(model, out_dir: Path, dtype: str) -> None:
-    from safetensors.torch import save_file
-
     state = {k: v.contiguous() for k, v in sorted(model.state_dict().items())}
     state.pop("lm_head.weight", None)  # tied: the Hub files store no head
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out_dir / "config.json", model_config(dtype))
+    save_safetensors(state, out_dir / "model.safetensors")
+    write_json(out_dir / "config.json", model_config(dtype))
 
 
 def make_qwen3_vl_checkpoint(
     out_dir: Path, layout: str = "hf", *, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Write a random tiny Qwen3-VL checkpoint in `layout`; return `out_dir`."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    check_layout(layout, LAYOUTS)
     out_dir = Path(out_dir)
     if layout in MLX_LAYOUTS:
-        quant = MLX_LAYOUTS[layout]
-        with tempfile.TemporaryDirectory() as tmp:
-            src = make_qwen3_vl_checkpoint(Path(tmp), "hf-legacy", seed=seed, dtype=dtype)
-            group, bits = quant or (64, 4)
-            return mlx_convert.convert(
-                src, out_dir, quantize=quant is not None, q_group_size=group, q_bits=bits
-            )
+        return via_hf_checkpoint(
+            lambda tmp: make_qwen3_vl_checkpoint(tmp, "hf-legacy", seed=seed, dtype=dtype),
+            out_dir,
+            mlx_convert_layout(layout),
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_torch_model(seed, dtype)
     if layout == "hf":

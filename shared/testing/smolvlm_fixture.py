@@ -20,17 +20,25 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from . import mlx_convert
-from .fixtures import MLX_LAYOUTS, _randomize
-from .tokenizer import BPE_VOCAB_SIZE, CORPUS, QWEN_PATTERN
+from .checkpoint_io import (
+    check_layout,
+    quantization_entries,
+    randomized,
+    special_only_tokenizer_json,
+    special_token_ids,
+    special_tokens_decoder,
+    via_hf_checkpoint,
+    write_json,
+    write_tokenizer_files,
+)
+from .fixtures import MLX_LAYOUTS
+from .tokenizer import BPE_VOCAB_SIZE
 
 LAYOUTS = ("hf", "mlx", "mlx-4bit", "mlx-8bit")
 MODEL_TYPES = ("smolvlm", "idefics3")
@@ -39,7 +47,7 @@ ADDED_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>",
     "<fake_token_around_image>", "<image>", "<global-img>", *ROW_COL_TOKENS,
 ]  # fmt: skip
-TOKEN_IDS = {t: BPE_VOCAB_SIZE + i for i, t in enumerate(ADDED_TOKENS)}
+TOKEN_IDS = special_token_ids(ADDED_TOKENS)
 VOCAB_SIZE = BPE_VOCAB_SIZE + len(ADDED_TOKENS)
 TILE, PATCH, SCALE = 32, 4, 2
 IMAGE_SEQ_LEN = (TILE // PATCH) ** 2 // SCALE**2  # 16 tokens per tile
@@ -112,37 +120,15 @@ def preprocessor_config(model_type: str = "smolvlm") -> dict[str, Any]:
     }
 
 
-@cache
 def _tokenizer_json() -> str:
     """Byte-level BPE on the shared corpus plus SmolVLM's special tokens (no BOS added)."""
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ADDED_TOKENS])
-    return tok.to_str()
+    return special_only_tokenizer_json(ADDED_TOKENS)
 
 
 def _tokenizer_config() -> dict[str, Any]:
-    decoder = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
-        for t, i in TOKEN_IDS.items()
-    }  # fmt: skip
     return {
         "add_bos_token": False,
-        "added_tokens_decoder": decoder,
+        "added_tokens_decoder": special_tokens_decoder(TOKEN_IDS),
         "bos_token": "<|im_start|>",
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
@@ -160,32 +146,21 @@ def _tokenizer_config() -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def write_sidecars(out_dir: Path, model_type: str = "smolvlm") -> None:
     """Tokenizer (saved by transformers 5, template in chat_template.jinja), generation and
     image-processor configs, and processor_config.json with `image_seq_len`."""
-    from transformers import AutoTokenizer
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        Tokenizer.from_str(_tokenizer_json()).save(str(Path(tmp) / "tokenizer.json"))
-        _write_json(Path(tmp) / "tokenizer_config.json", _tokenizer_config())
-        AutoTokenizer.from_pretrained(tmp).save_pretrained(str(out_dir))
+    write_tokenizer_files(out_dir, _tokenizer_json(), _tokenizer_config(), legacy=False)
     generation = {"bos_token_id": TOKEN_IDS["<|im_start|>"], "eos_token_id": EOS,
                   "pad_token_id": TOKEN_IDS["<|endoftext|>"]}  # fmt: skip
-    _write_json(out_dir / "generation_config.json", generation)
-    _write_json(out_dir / "preprocessor_config.json", preprocessor_config(model_type))
+    write_json(out_dir / "generation_config.json", generation)
+    write_json(out_dir / "preprocessor_config.json", preprocessor_config(model_type))
     name = "SmolVLM" if model_type == "smolvlm" else "Idefics3"
     processor = {"image_seq_len": IMAGE_SEQ_LEN, "processor_class": f"{name}Processor"}
-    _write_json(out_dir / "processor_config.json", processor)
+    write_json(out_dir / "processor_config.json", processor)
 
 
 def build_torch_model(model_type: str = "smolvlm", *, seed: int = DEFAULT_SEED):
     """The transformers model (fp32) with deterministic, well-spread random weights."""
-    import torch
     import transformers
 
     cfg = copy.deepcopy(model_config(model_type))
@@ -195,10 +170,7 @@ def build_torch_model(model_type: str = "smolvlm", *, seed: int = DEFAULT_SEED):
     else:
         config = transformers.Idefics3Config(**cfg)
         model_cls = transformers.Idefics3ForConditionalGeneration
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    _randomize(model, seed)
-    return model.to(torch.float32).eval()
+    return randomized(model_cls, config, seed)
 
 
 def _mlx_key(key: str) -> str:
@@ -226,12 +198,10 @@ def convert_to_mlx(src: Path, dst: Path, quant: tuple[int, int] | None) -> Path:
     config.pop("dtype", None)
     config.pop("torch_dtype", None)
     if quant is not None:
-        group, bits = quant
-        weights = mlx_convert.quantize_weights(weights, group, bits)
-        config["quantization"] = {"group_size": group, "bits": bits, "mode": "affine"}
-        config["quantization_config"] = dict(config["quantization"])
+        weights = mlx_convert.quantize_weights(weights, *quant)
+        quantization_entries(config, quant)
     mlx_convert._save(dst, weights)
-    _write_json(dst / "config.json", dict(sorted(config.items())))
+    write_json(dst / "config.json", dict(sorted(config.items())))
     for pattern in mlx_convert.SIDECAR_PATTERNS:
         for f in sorted(src.glob(pattern)):
             if f.name not in mlx_convert.SKIP_SIDECARS:
@@ -243,13 +213,14 @@ def make_smolvlm_checkpoint(
     out_dir: Path, layout: str = "hf", *, model_type: str = "smolvlm", seed: int = DEFAULT_SEED
 ) -> Path:
     """Write a tiny random SmolVLM (or Idefics3) checkpoint in `layout`; return `out_dir`."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    check_layout(layout, LAYOUTS)
     out_dir = Path(out_dir)
     if layout in MLX_LAYOUTS:
-        with tempfile.TemporaryDirectory() as tmp:
-            src = make_smolvlm_checkpoint(Path(tmp), "hf", model_type=model_type, seed=seed)
-            return convert_to_mlx(src, out_dir, MLX_LAYOUTS[layout])
+        return via_hf_checkpoint(
+            lambda tmp: make_smolvlm_checkpoint(tmp, "hf", model_type=model_type, seed=seed),
+            out_dir,
+            lambda src, dst: convert_to_mlx(src, dst, MLX_LAYOUTS[layout]),
+        )
     model = build_torch_model(model_type, seed=seed)
     model.save_pretrained(str(out_dir))
     write_sidecars(out_dir, model_type)

@@ -123,15 +123,16 @@ def added_tokens(style: str) -> list[tuple[str, bool]]:
     return QWEN_ADDED_TOKENS if style == "qwen" else LLAMA3_ADDED_TOKENS
 
 
-@cache
-def _trained_json(style: str) -> str:
-    """Train the BPE once per process; return the serialized tokenizer."""
+def train_byte_level_bpe(pattern: str, *, nfc: bool) -> Tokenizer:
+    """A byte-level BPE of `BPE_VOCAB_SIZE` tokens trained on `CORPUS`, split by `pattern`
+    (NFC-normalized first when `nfc`); no added tokens, no post-processor yet. Shared by the
+    styles here and the family fixtures that add their own special tokens."""
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
-    if style == "qwen":
+    if nfc:
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_pattern(style)), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
         ]
     )
@@ -144,6 +145,13 @@ def _trained_json(style: str) -> str:
         special_tokens=[],
     )
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    return tok
+
+
+@cache
+def _trained_json(style: str) -> str:
+    """Train the BPE once per process; return the serialized tokenizer."""
+    tok = train_byte_level_bpe(_pattern(style), nfc=style == "qwen")
     if tok.get_vocab_size() != BPE_VOCAB_SIZE:
         raise RuntimeError(f"BPE trained to {tok.get_vocab_size()} tokens, want {BPE_VOCAB_SIZE}")
     tok.add_tokens(

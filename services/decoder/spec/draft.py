@@ -17,18 +17,17 @@ import numpy as np
 from services.decoder.batch_sampler import gumbel_noise
 from services.decoder.spec.base import Proposal, Row
 from services.decoder.spec.rejection import DRAFT_SALT
-from shared.models.batch_cache import make_batch_caches
+from services.decoder.spec.slots import SlotDrafter
 
 
-class DraftModelProposer:
+class DraftModelProposer(SlotDrafter):
+    """`lengths[slot]`: history tokens in the slot's KV."""
+
     kind = "draft"
 
     def __init__(self, lm: object, num_draft_tokens: int, max_slots: int, vocab: int) -> None:
-        self.lm, self.k, self.max_slots, self.vocab = lm, num_draft_tokens, max_slots, vocab
-        self.layout, self.caches = make_batch_caches(len(lm.layers))  # type: ignore[attr-defined]
-        self.lengths = np.zeros(max_slots, np.int64)  # history tokens in each slot's KV
-        self.occupied = np.zeros(max_slots, bool)
-        self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # before, fed, rows
+        super().__init__(num_draft_tokens, max_slots, len(lm.layers))  # type: ignore[attr-defined]
+        self.lm, self.vocab = lm, vocab
 
     def start(self, slot: int, prompt_ids: list[int]) -> None:
         """Prefill the prompt alone (the drafter is small) and move its KV into the slot."""
@@ -38,13 +37,6 @@ class DraftModelProposer:
         for batch_cache, own in zip(self.caches, cache, strict=True):
             batch_cache.insert(slot, *own.state)
         self.lengths[slot], self.occupied[slot] = len(prompt_ids), True
-
-    def release(self, slot: int) -> None:
-        self.lengths[slot], self.occupied[slot] = 0, False
-        if not self.occupied.any():
-            self.layout.reset()
-            for cache in self.caches:
-                cache.release()
 
     def propose(
         self,
@@ -69,27 +61,21 @@ class DraftModelProposer:
         drafts, qs = [], []
         for j in range(self.k):
             if j:
-                self.layout.begin(self.lengths[:n], self.max_slots)
-                pos = mx.array(self.lengths[:n, None].astype(np.int32))
+                pos = self._next_positions(n)
                 last = self.lm(drafts[-1][:, None], self.caches, position_ids=pos)[:, 0]  # type: ignore[operator]
                 self.lengths[:n] += drafting
             token, q = pick(last, np.where(sampled, temps, 0.0), seeds, index + 1 + j, self.vocab)
             drafts.append(token)
             qs.append(q)
         self._last = (before, fed, drafting)
-        counts = np.where(drafting, np.minimum(caps, self.k), 0)
-        q = mx.stack(qs, axis=1) if sampled.any() else None  # type: ignore[arg-type]
-        return Proposal(mx.stack(drafts, axis=1), counts, q, sampled)
+        return self._proposal(drafts, qs, caps, drafting, sampled)
 
     def accepted(self, accepted: np.ndarray) -> None:
         """Keep the fed tokens and the accepted drafts the drafter itself ran (all but the
         last: it was proposed, never fed)."""
         assert self._last is not None
-        before, fed, drafting = self._last
-        n = len(before)
-        keep = before + fed + np.minimum(accepted[:n], self.k - 1)
-        self.lengths[:n] = np.where(drafting, keep, self.lengths[:n])
-        self._last = None
+        before, fed, _ = self._last
+        self._roll_back(before + fed + np.minimum(accepted[: len(before)], self.k - 1))
 
     def _feed(self, feeds: list[list[int]], before: np.ndarray, width: int) -> mx.array:
         """One step of `width` tokens per row: what each row's cache lacks, right-padded."""
@@ -97,9 +83,8 @@ class DraftModelProposer:
         tokens = np.zeros((len(feeds), width), np.int32)
         for i, f in enumerate(feeds):
             tokens[i, : len(f)] = f
-        self.layout.begin(before, self.max_slots, width)
-        pos = (before[:, None] + np.arange(width)[None, :]).astype(np.int32)
-        return self.lm(mx.array(tokens), self.caches, position_ids=mx.array(pos))  # type: ignore[operator]
+        pos = self._wide_positions(before, width)
+        return self.lm(mx.array(tokens), self.caches, position_ids=pos)  # type: ignore[operator]
 
 
 def pick(

@@ -24,8 +24,9 @@ import numpy as np
 
 from services.decoder.spec.base import Proposal, Row
 from services.decoder.spec.draft import pick
-from shared.models.batch_cache import make_batch_caches
+from services.decoder.spec.slots import SlotDrafter
 from shared.models.eagle3 import Eagle3Model, is_eagle3_config, load_eagle3
+from shared.models.transformer import TransformerModel
 from shared.runtime.loaded import LoadedModel
 
 
@@ -34,26 +35,24 @@ def is_eagle3_checkpoint(path: str) -> bool:
     return config.is_file() and is_eagle3_config(json.loads(config.read_text()))
 
 
-class Eagle3Proposer:
+class Eagle3Proposer(SlotDrafter):
+    """`lengths[slot]`: positions in the head's (one-layer) cache."""
+
     kind = "eagle3"
 
     def __init__(self, head: Eagle3Model, target: object, k: int, max_slots: int) -> None:
-        self.head, self.k, self.max_slots = head, k, max_slots
+        super().__init__(k, max_slots, 1)
+        self.head = head
         self.vocab = int(target.args.vocab_size)  # type: ignore[attr-defined]
         self.embed = head.embed_tokens if "embed_tokens" in head else target.embed  # type: ignore[attr-defined]
         self.aux_layers = head.args.aux_layers(len(target.layers))  # type: ignore[attr-defined]
-        self.layout, self.caches = make_batch_caches(1)
-        self.lengths = np.zeros(max_slots, np.int64)  # positions in the head's cache
-        self.occupied = np.zeros(max_slots, bool)
         self.pending: dict[int, mx.array] = {}  # slot -> (n, hidden) fused features waiting
         self.prefilling: dict[int, list[mx.array]] = {}
-        self._last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def load(cls, path: str, model: LoadedModel, k: int, max_slots: int) -> Eagle3Proposer:
         lm = model.language
-        stack = getattr(lm, "model", None)
-        if lm is None or not hasattr(stack, "capture"):
+        if not isinstance(getattr(lm, "model", None), TransformerModel):  # it has `capture`
             raise ValueError("EAGLE-3 needs a target whose layer inputs can be captured")
         head = load_eagle3(path)
         hidden = int(lm.args.hidden_size)  # type: ignore[attr-defined]
@@ -82,13 +81,9 @@ class Eagle3Proposer:
             self.pending[slot] = features
 
     def release(self, slot: int) -> None:
-        self.lengths[slot], self.occupied[slot] = 0, False
         self.pending.pop(slot, None)
         self.prefilling.pop(slot, None)
-        if not self.occupied.any():
-            self.layout.reset()
-            for cache in self.caches:
-                cache.release()
+        super().release(slot)
 
     def propose(
         self, rows: list[Row | None], caps: np.ndarray, index: np.ndarray, seeds: np.ndarray,
@@ -105,8 +100,7 @@ class Eagle3Proposer:
         drafts, qs = [], []
         for j in range(self.k):
             if j:
-                self.layout.begin(self.lengths[:n], self.max_slots)
-                pos = mx.array(self.lengths[:n, None].astype(np.int32))
+                pos = self._next_positions(n)
                 embeds = self.embed(drafts[-1][:, None])
                 out, h = self.head(embeds, hidden[:, None], self.caches, position_ids=pos)
                 logits, hidden = out[:, 0], h[:, 0]
@@ -115,17 +109,13 @@ class Eagle3Proposer:
             drafts.append(token)
             qs.append(q)
         self._last = (before, fed, drafting)
-        counts = np.where(drafting, np.minimum(caps, self.k), 0)
-        q = mx.stack(qs, axis=1) if (temps > 0).any() else None  # type: ignore[arg-type]
-        return Proposal(mx.stack(drafts, axis=1), counts, q, temps > 0)
+        return self._proposal(drafts, qs, caps, drafting, temps > 0)
 
     def accepted(self, accepted: np.ndarray) -> None:
         """Roll back to the fed positions: the verification's features replace the rest."""
         assert self._last is not None
-        before, fed, drafting = self._last
-        n = len(before)
-        self.lengths[:n] = np.where(drafting, before + fed, self.lengths[:n])
-        self._last = None
+        before, fed, _ = self._last
+        self._roll_back(before + fed)
 
     def observe(self, aux: list[mx.array], accepted: np.ndarray, live: np.ndarray) -> None:
         """A verification's captured states: positions [0, accepted + 1) of each live row
@@ -162,8 +152,7 @@ class Eagle3Proposer:
                 feats.append(mx.pad(self.pending.pop(i), [(0, width - f), (0, 0)]))
             else:
                 feats.append(mx.zeros((width, dim), self.head.fc.weight.dtype))
-        self.layout.begin(before, self.max_slots, width)
-        pos = mx.array((before[:, None] + np.arange(width)[None, :]).astype(np.int32))
+        pos = self._wide_positions(before, width)
         out, h = self.head(self.embed(mx.array(tokens)), mx.stack(feats), self.caches, pos)
         last = mx.array(np.maximum(fed - 1, 0))
         return out[mx.arange(n), last], h[mx.arange(n), last]

@@ -10,7 +10,8 @@ import numpy as np
 
 from shared.loading.config import text_config
 from shared.media.types import MediaInput
-from shared.models.base import LanguageModel, MediaFeatures
+from shared.models.base import MediaFeatures
+from shared.models.merge import PlaceholderEmbedder
 from shared.models.registry import PrefillInputs
 
 
@@ -23,36 +24,20 @@ def image_blocks(is_image: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]
     return blocks.astype(np.int32), list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
-class Gemma3Embedder:
+class Gemma3Embedder(PlaceholderEmbedder):
     def __init__(self, config: dict[str, Any]) -> None:
         text = text_config(config)
         self.image_token_id = int(text.get("image_token_index", text.get("image_token_id", -1)))
+        self.placeholder_ids = [self.image_token_id]
 
-    def __call__(
+    def with_media(
         self,
-        language: LanguageModel,
+        inputs: PrefillInputs,
         input_ids: np.ndarray,
         media: list[MediaInput],
         features: list[MediaFeatures],
     ) -> PrefillInputs:
-        input_ids = np.asarray(input_ids)
-        ids = mx.array(input_ids.astype(np.int32))[None]
-        if not media:
-            return PrefillInputs(input_ids=ids)
-        is_image = input_ids == self.image_token_id
-        slots = np.flatnonzero(is_image)
-        feats = mx.concatenate([f.features for f in features], axis=0)
-        if feats.shape[0] != slots.size:
-            raise ValueError(
-                f"prompt has {slots.size} image tokens but the image features have "
-                f"{feats.shape[0]} rows"
-            )
-        embeds = language.embed(ids)
-        embeds[:, mx.array(slots)] = feats.astype(embeds.dtype)[None]
-        blocks, spans = image_blocks(is_image)
-        return PrefillInputs(
-            input_ids=ids,
-            input_embeddings=embeds,
-            extras={"image_blocks": mx.array(blocks)[None]},
-            atomic_spans=spans,
-        )
+        blocks, spans = image_blocks(np.asarray(input_ids) == self.image_token_id)
+        inputs.extras = {"image_blocks": mx.array(blocks)[None]}
+        inputs.atomic_spans = spans
+        return inputs

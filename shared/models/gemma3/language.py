@@ -15,12 +15,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from shared.models.cache import KVCache
+from shared.models.causal_lm import CausalLM
 from shared.models.gemma3.config import FULL, SLIDING, TextArgs
 from shared.models.gemma3.masks import Mask, layer_masks
 from shared.models.gemma3.norm import GemmaRMSNorm
-from shared.models.kv_quant.protocol import AttendingCache
 from shared.models.rope import RoPE, RotaryPositions
+from shared.models.transformer import cached_attention
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
@@ -60,14 +60,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(b, length, self.n_kv_heads, -1)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         q, k = rope.apply(q, positions), rope.apply(k, positions)
-        if isinstance(cache, AttendingCache):  # a quantized slot cache reads its own storage
-            out = cache.attend(q, k, v, self.scale, mask)
-            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        if first_key:
-            k, v = k[..., first_key:, :], v[..., first_key:, :]
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # A quantized cache attends over all it stores (`layer_masks` gives it first_key 0).
+        out = cached_attention(q, k, v, self.scale, mask, cache, first_key)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
 
@@ -151,7 +145,7 @@ class GemmaModel(nn.Module):
         return self.norm(h)
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(CausalLM):
     """Implements the `LanguageModel` protocol; weights as `model.*` (+ `lm_head` if untied).
 
     `image_blocks` (1, L): each prompt token's image index (-1: text), from the embedder's
@@ -159,15 +153,14 @@ class LanguageModel(nn.Module):
     """
 
     # Sliding layers keep full KV and mask the window: prefix-cache blocks stay exact (APC).
+    # `make_cache` (one full KVCache per layer, sliding layers too) is what makes that hold, and
+    # the batch cache then needs no special case.
     keeps_full_kv = True
+    # Any rope buffer: Gemma 3 checkpoints may carry `rotary_emb_local.*` as well.
+    rope_buffer_key = "rotary_emb"
 
     def __init__(self, args: TextArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = GemmaModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, GemmaModel(args))
 
     def __call__(
         self,
@@ -179,35 +172,9 @@ class LanguageModel(nn.Module):
         image_blocks: mx.array | None = None,
     ) -> mx.array:
         h = self.model(inputs, cache, input_embeddings, position_ids, image_blocks)
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.lm_head(h)
+        logits = self.logits(h)
         cap = self.args.final_logit_softcapping
         return logits if cap is None else softcap(logits, cap)
 
     def embed(self, input_ids: mx.array) -> mx.array:
         return self.model.embed(input_ids)
-
-    def make_cache(self) -> list[KVCache]:
-        """Full KV for every layer (sliding layers too): the window is applied as a mask, so
-        prefix-cache blocks hold every position and the batch cache needs no special case."""
-        return [KVCache() for _ in self.layers]
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        out = {k: v for k, v in weights.items() if "rotary_emb" not in k}
-        if self.args.tie_word_embeddings:
-            out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
-        return out
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    @property
-    def head_dim(self) -> int:
-        return self.args.head_dim
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.args.num_key_value_heads

@@ -20,14 +20,14 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 from shared.loading.config import vision_config
 from shared.media.image import ImageSource, load_image
 from shared.media.types import MediaInput, ProcessedPrompt
-from shared.models.qwen2_vl.messages import MediaRef, normalise_messages
-from shared.models.qwen2_vl.processor import _template_file
-from shared.models.text_processor import MediaNotSupportedError
+from shared.models.chat_messages import MediaRef, refuse_unaccepted
+from shared.models.chat_processor import ChatProcessor, replace_markers, special_token_id
+from shared.models.chat_template import template_file
 
 BOI, EOI, IMAGE = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 
 
-class Gemma3Processor:
+class Gemma3Processor(ChatProcessor):
     modalities = ("text", "image")
 
     def __init__(
@@ -39,9 +39,8 @@ class Gemma3Processor:
         patches_per_side: int,
         chat_template: str | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, chat_template)
         self.image_processor = image_processor
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token_id = self._token_id(IMAGE)
         self.boi_token_id, self.eoi_token_id = self._token_id(BOI), self._token_id(EOI)
         self.mm_tokens_per_image = mm_tokens_per_image
@@ -52,10 +51,7 @@ class Gemma3Processor:
         self.full_image_sequence = f"\n\n{BOI}{IMAGE * mm_tokens_per_image}{EOI}\n\n"
 
     def _token_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {token} token; is this a Gemma 3 checkpoint?")
-        return int(token_id)
+        return special_token_id(self.tokenizer, token, "a Gemma 3 checkpoint")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: dict[str, Any]) -> Gemma3Processor:
@@ -73,7 +69,7 @@ class Gemma3Processor:
             Gemma3ImageProcessorPil.from_pretrained(str(folder)),
             mm_tokens_per_image=int(config.get("mm_tokens_per_image") or 256),
             patches_per_side=side,
-            chat_template=_template_file(folder),
+            chat_template=template_file(folder),
         )
 
     # ---- media ----------------------------------------------------------------------------
@@ -86,64 +82,15 @@ class Gemma3Processor:
         return MediaInput("image", pixels, (pixels.shape[0], side, side))
 
     def load_media(self, ref: MediaRef) -> MediaInput:
-        if ref.modality != "image":
-            raise MediaNotSupportedError(
-                f"this model does not accept {ref.modality} input; it accepts: text, image"
-            )
+        refuse_unaccepted([ref], self.modalities)
         return self.process_image(ref.source, **ref.options)
 
     # ---- text -----------------------------------------------------------------------------
 
-    def render(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> str:
-        normalised, refs = normalise_messages(messages)
-        for ref in refs:
-            if ref.modality != "image":
-                raise MediaNotSupportedError(
-                    f"this model does not accept {ref.modality} input; it accepts: text, image"
-                )
-        if self.chat_template is None:
-            raise ValueError("this checkpoint has no chat template")
-        if tools is not None:
-            template_kwargs["tools"] = tools
-        return self.tokenizer.apply_chat_template(
-            normalised,
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
-
-    def __call__(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> ProcessedPrompt:
-        text = self.render(
-            messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs
-        )
-        _, refs = normalise_messages(messages)
-        return self.build_prompt(text, [self.load_media(ref) for ref in refs])
-
     def build_prompt(self, text: str, media: list[MediaInput]) -> ProcessedPrompt:
         """Expand each ``<start_of_image>`` of a rendered prompt for its image, then tokenize."""
-        pieces = text.split(BOI)
-        if len(pieces) - 1 != len(media):
-            found = len(pieces) - 1
-            raise ValueError(f"prompt has {found} {BOI} placeholders, got {len(media)} images")
-        out = [pieces[0]]
-        for item, piece in zip(media, pieces[1:], strict=True):
-            out += [self.image_text(item.grid_thw[0] - 1), piece]
-        ids = self.tokenizer.encode("".join(out), add_special_tokens=False)
+        text = replace_markers(text, BOI, media, lambda item: self.image_text(item.grid_thw[0] - 1))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ProcessedPrompt(input_ids=list(ids), media=list(media))
 
     def image_text(self, crops: int) -> str:

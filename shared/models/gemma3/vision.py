@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from shared.models.gemma3.config import ProjectorArgs, VisionArgs
 from shared.models.gemma3.norm import GemmaRMSNorm
-from shared.models.vision_layers import activation
+from shared.models.vision_layers import VisionMlp
 
 
 class Embeddings(nn.Module):
@@ -49,24 +49,13 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, args: VisionArgs) -> None:
-        super().__init__()
-        self.act = activation(args.hidden_act)
-        self.fc1 = nn.Linear(args.hidden_size, args.intermediate_size)
-        self.fc2 = nn.Linear(args.intermediate_size, args.hidden_size)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class EncoderLayer(nn.Module):
     def __init__(self, args: VisionArgs) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.self_attn = Attention(args.hidden_size, args.num_attention_heads)
         self.layer_norm2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = VisionMlp(args.hidden_size, args.intermediate_size, args.hidden_act)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x))

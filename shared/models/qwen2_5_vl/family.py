@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shared.loading.config import vision_config
+from shared.models.family_parts import from_vision_config, qwen_vl_family
 from shared.models.qwen2_vl.embedder import QwenVLEmbedder
-from shared.models.qwen2_vl.family import MODALITIES, build_language
+from shared.models.qwen2_vl.family import build_language
 from shared.models.qwen2_vl.processor import QwenVLProcessor
 from shared.models.registry import Family
 
@@ -13,11 +13,10 @@ def family(model_type: str) -> Family:
     from shared.models.qwen2_5_vl.config import VisionArgs
     from shared.models.qwen2_5_vl.vision import VisionModel
 
-    return Family(
-        name=model_type,
-        modalities=MODALITIES,
+    return qwen_vl_family(
+        model_type,
         language=build_language,
-        processor=lambda path, _cfg: QwenVLProcessor.from_pretrained(path),
-        vision=lambda cfg: VisionModel(VisionArgs.from_dict(vision_config(cfg))),
+        processor_cls=QwenVLProcessor,
+        vision=from_vision_config(VisionArgs, VisionModel),
         embedder=lambda cfg: QwenVLEmbedder(cfg, timed_video=True),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -12,15 +12,13 @@ import numpy as np
 from shared.models.qwen2_5_vl.config import VisionArgs
 from shared.models.vision_layers import (
     Grid,
+    PackedVisionTower,
     PatchEmbed,
     PatchMerger,
-    VisionAttention,
+    VisionBlock,
     activation,
-    as_grid_list,
-    check_patch_count,
     frame_cu_seqlens,
     rotary_cos_sin,
-    sanitize_vision_weights,
     vision_position_ids,
 )
 
@@ -76,22 +74,16 @@ class VisionMlp(nn.Module):
         return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, args: VisionArgs):
-        super().__init__()
-        self.norm1 = nn.RMSNorm(args.hidden_size, eps=_NORM_EPS)
-        self.norm2 = nn.RMSNorm(args.hidden_size, eps=_NORM_EPS)
-        self.attn = VisionAttention(args.hidden_size, args.num_heads)
-        self.mlp = VisionMlp(args.hidden_size, args.intermediate_size, args.hidden_act)
-
-    def __call__(
-        self, x: mx.array, cos: mx.array, sin: mx.array, cu_seqlens: Sequence[int]
-    ) -> mx.array:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
-        return x + self.mlp(self.norm2(x))
+def make_block(args: VisionArgs) -> VisionBlock:
+    return VisionBlock(
+        args.hidden_size,
+        args.num_heads,
+        partial(nn.RMSNorm, eps=_NORM_EPS),
+        VisionMlp(args.hidden_size, args.intermediate_size, args.hidden_act),
+    )
 
 
-class VisionModel(nn.Module):
+class VisionModel(PackedVisionTower):
     """Implements `VisionTower`: (N, C*T*P*P) patches + grid_thw -> (N / merge^2, out_hidden)."""
 
     def __init__(self, args: VisionArgs):
@@ -100,7 +92,7 @@ class VisionModel(nn.Module):
         self.patch_embed = PatchEmbed(
             args.patch_size, args.temporal_patch_size, args.in_channels, args.hidden_size
         )
-        self.blocks = [VisionBlock(args) for _ in range(args.depth)]
+        self.blocks = [make_block(args) for _ in range(args.depth)]
         self.merger = PatchMerger(
             args.out_hidden_size,
             args.hidden_size,
@@ -110,8 +102,7 @@ class VisionModel(nn.Module):
 
     def __call__(self, pixel_values: mx.array, grid_thw: Any) -> mx.array:
         a = self.args
-        grid = as_grid_list(grid_thw)
-        check_patch_count(pixel_values, grid)
+        grid = self.grid(pixel_values, grid_thw)
         unit = a.spatial_merge_size**2
         order, cu_windows = window_index(grid, a.spatial_merge_size, a.window_size, a.patch_size)
         # Windows only reorder tokens within a frame, so per-frame bounds stay valid after it.
@@ -125,7 +116,3 @@ class VisionModel(nn.Module):
             x = block(x, cos, sin, cu_frames if i in full else cu_windows)
         restore = mx.array(np.argsort(order).astype(np.int32))
         return self.merger(x)[restore]
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        a = self.args
-        return sanitize_vision_weights(weights, a.in_channels, a.temporal_patch_size, a.patch_size)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.models.qwen2_vl.messages import MediaRef
-from shared.models.text_processor import MediaNotSupportedError
+from shared.models.chat_messages import MediaRef, not_accepted, part_kind, walk_messages
 
 AUDIO_FORMATS = ("wav", "mp3", "flac")
 
@@ -36,39 +35,23 @@ def _source(part: dict[str, Any], kind: str) -> Any:
     return value
 
 
-def _kind(part: dict[str, Any]) -> str:
-    if "type" in part:
-        return str(part["type"])
-    for key in ("audio", "audio_url", "input_audio", "image", "image_url", "video"):
-        if key in part:  # untyped parts, as the template allows
-            return key
-    return "text"
+# Untyped parts (as the template allows) are named by these keys; the image and video ones
+# only so that they are refused by name rather than read as empty text.
+_UNTYPED = ("audio", "audio_url", "input_audio", "image", "image_url", "video")
+
+
+def _template_part(part: dict[str, Any]) -> tuple[dict[str, Any], MediaRef | None]:
+    kind = part_kind(part, _UNTYPED)
+    if kind == "text":
+        return {"type": "text", "text": part.get("text", "")}, None
+    if kind in ("audio", "audio_url", "input_audio"):
+        ref = MediaRef(modality="audio", source=_source(part, kind))
+        return {"type": "audio", "audio": ""}, ref
+    raise not_accepted(kind.removesuffix("_url").removeprefix("input_"), ("text", "audio"))
 
 
 def normalise_messages(
     messages: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[MediaRef]]:
     """Template-ready copies of ``messages`` and their audio parts in prompt order."""
-    out: list[dict[str, Any]] = []
-    clips: list[MediaRef] = []
-    for message in messages:
-        content = message.get("content")
-        if content is None or isinstance(content, str):
-            out.append({**message, "content": content or ""})
-            continue
-        parts: list[dict[str, Any]] = []
-        for part in content:
-            kind = "text" if isinstance(part, str) else _kind(part)
-            if kind == "text":
-                text = part if isinstance(part, str) else part.get("text", "")
-                parts.append({"type": "text", "text": text})
-            elif kind in ("audio", "audio_url", "input_audio"):
-                clips.append(MediaRef(modality="audio", source=_source(part, kind)))
-                parts.append({"type": "audio", "audio": ""})
-            else:
-                modality = kind.removesuffix("_url").removeprefix("input_")
-                raise MediaNotSupportedError(
-                    f"this model does not accept {modality} input; it accepts: text, audio"
-                )
-        out.append({**message, "content": parts})
-    return out, clips
+    return walk_messages(messages, _template_part)

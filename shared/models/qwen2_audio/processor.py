@@ -9,7 +9,6 @@ count, ``((frames - 1) // 2 + 1 - 2) // 2 + 1``, as ``Qwen2AudioProcessor`` expa
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,25 +18,23 @@ import numpy as np
 
 from shared.media.audio import load_audio
 from shared.media.types import MediaInput, ProcessedPrompt
+from shared.models.chat_messages import MediaRef
+from shared.models.chat_processor import ChatProcessor, expand_placeholders, special_token_id
+from shared.models.chat_template import template_file
 from shared.models.qwen2_audio.config import output_tokens
 from shared.models.qwen2_audio.messages import normalise_messages
-from shared.models.qwen2_vl.messages import MediaRef
 
 AUDIO_TOKEN = "<|AUDIO|>"
 
 
-class Qwen2AudioProcessor:
+class Qwen2AudioProcessor(ChatProcessor):
     modalities = ("text", "audio")
 
     def __init__(self, tokenizer: Any, feature_extractor: Any, chat_template: str | None) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, chat_template)
         self.feature_extractor = feature_extractor
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.sampling_rate = int(feature_extractor.sampling_rate)
-        token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {AUDIO_TOKEN} token; is this Qwen2-Audio?")
-        self.audio_token_id = int(token_id)
+        self.audio_token_id = special_token_id(tokenizer, AUDIO_TOKEN, "Qwen2-Audio")
 
     @classmethod
     def from_pretrained(
@@ -51,7 +48,7 @@ class Qwen2AudioProcessor:
         return cls(
             AutoTokenizer.from_pretrained(str(folder)),
             WhisperFeatureExtractor.from_pretrained(str(folder)),
-            _template_file(folder),
+            template_file(folder),
         )
 
     # ---- audio ----------------------------------------------------------------------------
@@ -88,31 +85,10 @@ class Qwen2AudioProcessor:
 
     # ---- text -----------------------------------------------------------------------------
 
-    def render(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> str:
-        if self.chat_template is None:
-            raise ValueError("this checkpoint has no chat template")
-        normalised, _ = normalise_messages(messages)
-        if tools is not None:
-            template_kwargs["tools"] = tools
-        return self.tokenizer.apply_chat_template(
-            normalised,
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
-
-    def __call__(self, messages: list[dict[str, Any]], **kwargs: Any) -> ProcessedPrompt:
-        _, refs = normalise_messages(messages)
-        text = self.render(messages, **kwargs)
-        return self.build_prompt(text, [self.load_media(ref) for ref in refs])
+    def normalise(
+        self, messages: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[MediaRef]]:
+        return normalise_messages(messages)  # refuses parts other than text and audio
 
     def build_prompt(self, text: str, media: list[MediaInput]) -> ProcessedPrompt:
         """Tokenize a rendered prompt holding one ``<|AUDIO|>`` per clip, and expand them."""
@@ -120,24 +96,17 @@ class Qwen2AudioProcessor:
         return ProcessedPrompt(input_ids=self.expand(ids, media), media=list(media))
 
     def expand(self, input_ids: Sequence[int], media: Sequence[MediaInput]) -> list[int]:
-        ids = np.asarray(input_ids, dtype=np.int64)
-        slots = np.flatnonzero(ids == self.audio_token_id)
-        if len(slots) != len(media):
-            raise ValueError(f"prompt has {len(slots)} audio placeholders, got {len(media)} clips")
-        repeats = np.ones(len(ids), dtype=np.int64)
-        for slot, item in zip(slots.tolist(), media, strict=True):
-            if item.modality != "audio":
-                raise ValueError(f"this model does not accept {item.modality} input")
-            repeats[slot] = item.num_tokens(1)
-        return np.repeat(ids, repeats).tolist()
+        return expand_placeholders(
+            input_ids,
+            media,
+            [self.audio_token_id],
+            _clip_tokens,
+            placeholders="audio",
+            items="clips",
+        )
 
 
-def _template_file(folder: Path) -> str | None:
-    """The processor-level chat template, when the tokenizer files do not carry one."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    as_json = folder / "chat_template.json"
-    if as_json.is_file():
-        return json.loads(as_json.read_text()).get("chat_template")
-    return None
+def _clip_tokens(slot: int, token: int, item: MediaInput) -> int:
+    if item.modality != "audio":
+        raise ValueError(f"this model does not accept {item.modality} input")
+    return item.num_tokens(1)

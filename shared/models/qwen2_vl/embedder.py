@@ -11,16 +11,21 @@ import numpy as np
 
 from shared.loading.config import text_config, vision_config
 from shared.media.types import MediaInput
-from shared.models.base import LanguageModel, MediaFeatures
+from shared.models.base import MediaFeatures
+from shared.models.merge import PlaceholderEmbedder
 from shared.models.qwen2_vl.rope_index import get_rope_index
 from shared.models.registry import PrefillInputs
 
 
-class QwenVLEmbedder:
+class QwenVLEmbedder(PlaceholderEmbedder):
+    placeholders = "media placeholder tokens"
+    media_name = "media"
+
     def __init__(self, config: dict[str, Any], *, timed_video: bool) -> None:
         text, vision = text_config(config), vision_config(config)
         self.image_token_id = int(text["image_token_id"])
         self.video_token_id = int(text["video_token_id"])
+        self.placeholder_ids = [self.image_token_id, self.video_token_id]
         self.vision_start_token_id = int(text["vision_start_token_id"])
         self.merge_size = int(vision.get("spatial_merge_size", 2))
         # Qwen2.5-VL spaces video frames on the temporal axis by wall-clock time; Qwen2-VL by index.
@@ -30,30 +35,15 @@ class QwenVLEmbedder:
             else None
         )
 
-    def __call__(
+    def with_media(
         self,
-        language: LanguageModel,
+        inputs: PrefillInputs,
         input_ids: np.ndarray,
         media: list[MediaInput],
         features: list[MediaFeatures],
     ) -> PrefillInputs:
-        ids = mx.array(np.asarray(input_ids, dtype=np.int32))[None]
-        if not media:
-            return PrefillInputs(input_ids=ids)
-        input_ids = np.asarray(input_ids)
-        slots = np.nonzero((input_ids == self.image_token_id) | (input_ids == self.video_token_id))[
-            0
-        ]
-        feats = mx.concatenate([f.features for f in features], axis=0)
-        if feats.shape[0] != slots.size:
-            raise ValueError(
-                f"prompt has {slots.size} media placeholder tokens but the media features "
-                f"have {feats.shape[0]} rows"
-            )
-        embeds = language.embed(ids)
-        embeds[:, mx.array(slots)] = feats.astype(embeds.dtype)[None]
         positions, delta = get_rope_index(
-            input_ids,
+            np.asarray(input_ids),
             media,
             image_token_id=self.image_token_id,
             video_token_id=self.video_token_id,
@@ -61,9 +51,6 @@ class QwenVLEmbedder:
             spatial_merge_size=self.merge_size,
             tokens_per_second=self.tokens_per_second,
         )
-        return PrefillInputs(
-            input_ids=ids,
-            input_embeddings=embeds,
-            position_ids=mx.array(positions.astype(np.int32))[:, None, :],
-            rope_delta=int(delta),
-        )
+        inputs.position_ids = mx.array(positions.astype(np.int32))[:, None, :]
+        inputs.rope_delta = int(delta)
+        return inputs

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from shared.loading.config import text_config, vision_config
+from shared.models.family_parts import from_text_config, from_vision_config, qwen_vl_family
 from shared.models.qwen2_vl.embedder import QwenVLEmbedder
 from shared.models.qwen2_vl.language import LanguageModel, TextArgs
 from shared.models.qwen2_vl.processor import QwenVLProcessor
 from shared.models.registry import Family
 
-MODALITIES = ("text", "image", "video")
-
-
-def build_language(config: dict[str, Any]) -> LanguageModel:
-    return LanguageModel(TextArgs.from_dict(text_config(config)))
+build_language = from_text_config(TextArgs, LanguageModel)
 
 
 def family(model_type: str) -> Family:
     from shared.models.qwen2_vl.config import VisionArgs
     from shared.models.qwen2_vl.vision import VisionModel
 
-    return Family(
-        name=model_type,
-        modalities=MODALITIES,
+    return qwen_vl_family(
+        model_type,
         language=build_language,
-        processor=lambda path, _cfg: QwenVLProcessor.from_pretrained(path),
-        vision=lambda cfg: VisionModel(VisionArgs.from_dict(vision_config(cfg))),
+        processor_cls=QwenVLProcessor,
+        vision=from_vision_config(VisionArgs, VisionModel),
         embedder=lambda cfg: QwenVLEmbedder(cfg, timed_video=False),
     )

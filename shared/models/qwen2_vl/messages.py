@@ -11,11 +11,10 @@ Per-part options in the qwen_vl_utils style (``fps``, ``num_frames``/``nframes``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from shared.media.types import Modality
-from shared.models.text_processor import MediaNotSupportedError
+from shared.models.chat_messages import MediaNotSupportedError, MediaRef, part_kind, walk_messages
 
 OPTION_KEYS = (
     "fps",
@@ -26,15 +25,6 @@ OPTION_KEYS = (
     "min_pixels",
     "max_pixels",
 )
-
-
-@dataclass(frozen=True)
-class MediaRef:
-    """One media part as the client sent it, not yet loaded."""
-
-    modality: Modality
-    source: Any
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 def _url(value: Any, key: str) -> Any:
@@ -66,41 +56,18 @@ def _media_ref(part: dict[str, Any], kind: str) -> MediaRef | None:
     return MediaRef(modality=modality, source=source, options=options)
 
 
-def _part_kind(part: dict[str, Any]) -> str:
-    if "type" in part:
-        return str(part["type"])
-    for key in (
-        "image",
-        "image_url",
-        "video",
-        "video_url",
-    ):  # untyped parts, as the template allows
-        if key in part:
-            return key
-    return "text"
+_UNTYPED = ("image", "image_url", "video", "video_url")
+
+
+def _template_part(part: dict[str, Any]) -> tuple[dict[str, Any], MediaRef | None]:
+    ref = _media_ref(part, part_kind(part, _UNTYPED))
+    if ref is None:
+        return {"type": "text", "text": part.get("text", "")}, None
+    return {"type": ref.modality}, ref
 
 
 def normalise_messages(
     messages: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[MediaRef]]:
     """Template-ready copies of ``messages`` and their media parts in prompt order."""
-    out: list[dict[str, Any]] = []
-    media: list[MediaRef] = []
-    for message in messages:
-        content = message.get("content")
-        if content is None or isinstance(content, str):
-            out.append({**message, "content": content or ""})
-            continue
-        parts: list[dict[str, Any]] = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append({"type": "text", "text": part})
-                continue
-            ref = _media_ref(part, _part_kind(part))
-            if ref is None:
-                parts.append({"type": "text", "text": part.get("text", "")})
-            else:
-                media.append(ref)
-                parts.append({"type": ref.modality})
-        out.append({**message, "content": parts})
-    return out, media
+    return walk_messages(messages, _template_part)

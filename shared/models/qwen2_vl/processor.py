@@ -20,7 +20,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from shared.media.image import ImageSource, load_image
 from shared.media.types import MediaInput, ProcessedPrompt
 from shared.media.video import load_video, stack_frames
-from shared.models.qwen2_vl.messages import MediaRef, normalise_messages
+from shared.models.chat_messages import MediaRef
+from shared.models.chat_processor import ChatProcessor, expand_placeholders, special_token_id
+from shared.models.chat_template import template_file
 from shared.models.qwen2_vl.video_settings import VideoSettings
 
 
@@ -39,7 +41,16 @@ def patchify_frames(frames: np.ndarray, patch: int, merge: int, temporal: int) -
     return np.ascontiguousarray(x.reshape(gt * gh * gw, c * temporal * patch * patch))
 
 
-class QwenVLProcessor:
+def video_frames(frames: np.ndarray | Sequence[ImageSource]) -> np.ndarray:
+    """A video as (T, H, W, 3) frames, stacked when given as images; refuses other shapes."""
+    if not isinstance(frames, np.ndarray):
+        frames = stack_frames(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"video frames must be (T, H, W, 3), got {frames.shape}")
+    return frames
+
+
+class QwenVLProcessor(ChatProcessor):
     modalities = ("text", "image", "video")
 
     def __init__(
@@ -49,10 +60,9 @@ class QwenVLProcessor:
         video: VideoSettings | None = None,
         chat_template: str | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, chat_template)
         self.image_processor = image_processor
         self.video = video or VideoSettings.from_config({}, image_processor)
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
         self.temporal_patch_size = int(image_processor.temporal_patch_size)
@@ -62,10 +72,7 @@ class QwenVLProcessor:
         self.vision_end_token_id = self._token_id("<|vision_end|>")
 
     def _token_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {token} token; is this a Qwen-VL checkpoint?")
-        return int(token_id)
+        return special_token_id(self.tokenizer, token, "a Qwen-VL checkpoint")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> QwenVLProcessor:
@@ -84,7 +91,7 @@ class QwenVLProcessor:
             tokenizer,
             image_processor,
             VideoSettings.from_config(video_cfg, image_processor),
-            chat_template=_template_file(folder),
+            chat_template=template_file(folder),
         )
 
     # ---- media ----------------------------------------------------------------------------
@@ -110,10 +117,7 @@ class QwenVLProcessor:
         max_pixels: int | None = None,
     ) -> MediaInput:
         """Frames (T, H, W, 3) uint8 (or a list of images) sampled at ``fps`` -> MediaInput."""
-        if not isinstance(frames, np.ndarray):
-            frames = stack_frames(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-            raise ValueError(f"video frames must be (T, H, W, 3), got {frames.shape}")
+        frames = video_frames(frames)
         ip, v = self.image_processor, self.video
         factor = self.patch_size * self.merge_size
         lo = min_pixels or v.min_pixels
@@ -130,13 +134,19 @@ class QwenVLProcessor:
                 x = ip.normalize(x, v.image_mean, v.image_std)
             processed.append(x)
         stacked = np.stack(processed).astype(np.float32)
-        height, width = stacked.shape[2:]
+        return self.video_input(stacked, stacked.shape[2:], fps)
+
+    def video_input(
+        self, stacked: np.ndarray, size: tuple[int, int], fps: float | None
+    ) -> MediaInput:
+        """Processed (T, C, H, W) float32 frames, sized `size`, sampled at `fps` (default: the
+        video settings') -> their patches, (t, h, w) grid and seconds per temporal patch."""
         pixels = patchify_frames(
             stacked, self.patch_size, self.merge_size, self.temporal_patch_size
         )
         grid_t = -(-stacked.shape[0] // self.temporal_patch_size)
-        grid = (grid_t, height // self.patch_size, width // self.patch_size)
-        fps = fps or v.fps
+        grid = (grid_t, size[0] // self.patch_size, size[1] // self.patch_size)
+        fps = fps or self.video.fps
         return MediaInput("video", pixels, grid, seconds_per_grid=self.temporal_patch_size / fps)
 
     def load_media(self, ref: MediaRef) -> MediaInput:
@@ -160,75 +170,23 @@ class QwenVLProcessor:
 
     # ---- text -----------------------------------------------------------------------------
 
-    def render(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> str:
-        normalised, _ = normalise_messages(messages)
-        return self._render(normalised, add_generation_prompt, tools, template_kwargs)
-
-    def _render(
-        self,
-        messages: list[dict[str, Any]],
-        add_generation_prompt: bool,
-        tools: list[dict[str, Any]] | None,
-        template_kwargs: dict[str, Any],
-    ) -> str:
-        if self.chat_template is None:
-            raise ValueError("this checkpoint has no chat template")
-        if tools is not None:
-            template_kwargs["tools"] = tools
-        return self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
-
-    def __call__(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> ProcessedPrompt:
-        normalised, refs = normalise_messages(messages)
-        text = self._render(normalised, add_generation_prompt, tools, template_kwargs)
-        return self.build_prompt(text, [self.load_media(ref) for ref in refs])
-
     def build_prompt(self, text: str, media: list[MediaInput]) -> ProcessedPrompt:
         """Tokenize a rendered prompt holding one pad token per media item, and expand them."""
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ProcessedPrompt(input_ids=self.expand(ids, media), media=list(media))
 
     def expand(self, input_ids: Sequence[int], media: Sequence[MediaInput]) -> list[int]:
-        ids = np.asarray(input_ids, dtype=np.int64)
-        slots = np.flatnonzero((ids == self.image_token_id) | (ids == self.video_token_id))
-        if len(slots) != len(media):
-            raise ValueError(
-                f"prompt has {len(slots)} image/video placeholders, got {len(media)} media"
-            )
-        repeats = np.ones(len(ids), dtype=np.int64)
-        for slot, item in zip(slots.tolist(), media, strict=True):
-            expected = self.image_token_id if item.modality == "image" else self.video_token_id
-            if ids[slot] != expected:
-                raise ValueError(f"placeholder at token {slot} does not match a {item.modality}")
-            repeats[slot] = item.num_tokens(self.merge_size)
-        return np.repeat(ids, repeats).tolist()
+        return expand_placeholders(
+            input_ids,
+            media,
+            [self.image_token_id, self.video_token_id],
+            self._item_tokens,
+            placeholders="image/video",
+            items="media",
+        )
 
-
-def _template_file(folder: Path) -> str | None:
-    """The processor-level chat template, when the tokenizer files do not carry one."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    as_json = folder / "chat_template.json"
-    if as_json.is_file():
-        return json.loads(as_json.read_text()).get("chat_template")
-    return None
+    def _item_tokens(self, slot: int, token: int, item: MediaInput) -> int:
+        expected = self.image_token_id if item.modality == "image" else self.video_token_id
+        if token != expected:
+            raise ValueError(f"placeholder at token {slot} does not match a {item.modality}")
+        return item.num_tokens(self.merge_size)

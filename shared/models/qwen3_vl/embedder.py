@@ -14,7 +14,8 @@ import numpy as np
 
 from shared.loading.config import text_config, vision_config
 from shared.media.types import MediaInput
-from shared.models.base import LanguageModel, MediaFeatures
+from shared.models.base import MediaFeatures
+from shared.models.merge import PlaceholderEmbedder
 from shared.models.qwen2_vl.rope_index import get_rope_index
 from shared.models.qwen3_vl.vision import DEEPSTACK_PREFIX
 from shared.models.registry import PrefillInputs
@@ -39,48 +40,41 @@ def deepstack_levels(features: list[MediaFeatures]) -> list[mx.array]:
     return [mx.concatenate([f.extras[n] for f in features], axis=0) for n in names]
 
 
-class Qwen3VLEmbedder:
+class Qwen3VLEmbedder(PlaceholderEmbedder):
+    placeholders = "media placeholder tokens"
+    media_name = "media"
+
     def __init__(self, config: dict[str, Any]) -> None:
         text, vision = text_config(config), vision_config(config)
         self.image_token_id = int(text["image_token_id"])
         self.video_token_id = int(text["video_token_id"])
+        self.placeholder_ids = [self.image_token_id, self.video_token_id]
         self.merge_size = int(vision.get("spatial_merge_size", 2))
         # transformers' default taps (8, 16, 24) when the config does not list them.
         self.levels = len(vision.get("deepstack_visual_indexes", (8, 16, 24)))
 
-    def __call__(
+    def with_media(
         self,
-        language: LanguageModel,
+        inputs: PrefillInputs,
         input_ids: np.ndarray,
         media: list[MediaInput],
         features: list[MediaFeatures],
     ) -> PrefillInputs:
         input_ids = np.asarray(input_ids, dtype=np.int32)
-        ids = mx.array(input_ids)[None]
-        if not media:
-            return PrefillInputs(input_ids=ids)
-        is_media = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
-        slots = mx.array(np.flatnonzero(is_media).astype(np.int32))
-        feats = mx.concatenate([f.features for f in features], axis=0)
-        if feats.shape[0] != slots.size:
-            raise ValueError(
-                f"prompt has {slots.size} media placeholder tokens but the media features "
-                f"have {feats.shape[0]} rows"
-            )
-        embeds = language.embed(ids)
-        embeds[:, slots] = feats.astype(embeds.dtype)[None]
+        embeds = inputs.input_embeddings  # set: the prompt has media
         levels = deepstack_levels(features)
         if len(levels) != self.levels:  # e.g. features written for another tower
             raise ValueError(
                 f"media features carry {len(levels)} DeepStack levels; this model needs "
                 f"{self.levels}"
             )
-        extras = {}
         if levels:
+            is_media = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+            slots = mx.array(np.flatnonzero(is_media).astype(np.int32))
             stacked = mx.stack(levels).astype(embeds.dtype)  # (levels, n_slots, D)
-            dense = mx.zeros((stacked.shape[0], ids.shape[1], stacked.shape[2]), embeds.dtype)
+            dense = mx.zeros((stacked.shape[0], len(input_ids), stacked.shape[2]), embeds.dtype)
             dense[:, slots] = stacked
-            extras[DEEPSTACK_EXTRA] = dense
+            inputs.extras[DEEPSTACK_EXTRA] = dense
         positions, delta = get_rope_index(
             input_ids,
             frame_grids(media),
@@ -88,10 +82,6 @@ class Qwen3VLEmbedder:
             video_token_id=self.video_token_id,
             spatial_merge_size=self.merge_size,
         )
-        return PrefillInputs(
-            input_ids=ids,
-            input_embeddings=embeds,
-            position_ids=mx.array(positions.astype(np.int32))[:, None, :],
-            rope_delta=int(delta),
-            extras=extras,
-        )
+        inputs.position_ids = mx.array(positions.astype(np.int32))[:, None, :]
+        inputs.rope_delta = int(delta)
+        return inputs

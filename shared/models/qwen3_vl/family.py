@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from shared.loading.config import text_config, vision_config
+from shared.models.family_parts import from_text_config, from_vision_config, qwen_vl_family
 from shared.models.qwen3_vl.config import TextArgs
 from shared.models.qwen3_vl.embedder import Qwen3VLEmbedder
 from shared.models.qwen3_vl.language import LanguageModel
 from shared.models.qwen3_vl.processor import Qwen3VLProcessor
 from shared.models.registry import Family
 
-MODALITIES = ("text", "image", "video")
-
-
-def build_language(config: dict[str, Any]) -> LanguageModel:
-    return LanguageModel(TextArgs.from_dict(text_config(config)))
+build_language = from_text_config(TextArgs, LanguageModel)
 
 
 def family(model_type: str) -> Family:
     from shared.models.qwen3_vl.config import VisionArgs
     from shared.models.qwen3_vl.vision import VisionModel
 
-    return Family(
-        name=model_type,
-        modalities=MODALITIES,
+    return qwen_vl_family(
+        model_type,
         language=build_language,
-        processor=lambda path, _cfg: Qwen3VLProcessor.from_pretrained(path),
-        vision=lambda cfg: VisionModel(VisionArgs.from_dict(vision_config(cfg))),
+        processor_cls=Qwen3VLProcessor,
+        vision=from_vision_config(VisionArgs, VisionModel),
         embedder=Qwen3VLEmbedder,
     )

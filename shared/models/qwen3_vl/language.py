@@ -71,9 +71,7 @@ class TextModel(transformer.TransformerModel):
     """The shared decoder stack (its layer loop, caches and hooks unchanged) with DeepStack:
     level i is handed to layer i for the length of one call."""
 
-    def __init__(self, args: TextArgs, rope: InterleavedMRoPE) -> None:
-        super().__init__(args, rope)
-        self.layers = [DeepStackLayer(args) for _ in range(args.num_hidden_layers)]
+    layer_class = DeepStackLayer
 
     def __call__(
         self,
@@ -101,8 +99,7 @@ class LanguageModel(transformer.Model):
     def __init__(self, args: TextArgs) -> None:
         _, section = args.mrope()
         rope = InterleavedMRoPE(args.head_dim, args.inv_freq(), section)
-        super().__init__(args, rope)
-        self.model = TextModel(args, rope)
+        super().__init__(args, model=TextModel(args, rope))
 
     def __call__(
         self,
@@ -113,7 +110,6 @@ class LanguageModel(transformer.Model):
         position_ids: mx.array | None = None,
         deepstack_embeds: mx.array | None = None,
     ) -> mx.array:
-        h = self.model(inputs, cache, input_embeddings, position_ids, deepstack_embeds)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return self.logits(
+            self.model(inputs, cache, input_embeddings, position_ids, deepstack_embeds)
+        )

@@ -22,8 +22,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from shared.media.image import ImageSource
 from shared.media.types import MediaInput, ProcessedPrompt
-from shared.media.video import stack_frames
-from shared.models.qwen2_vl.processor import QwenVLProcessor, _template_file, patchify_frames
+from shared.models.chat_template import template_file
+from shared.models.qwen2_vl.processor import QwenVLProcessor, video_frames
 from shared.models.qwen3_vl.video import Qwen3VideoSettings, frame_timestamps, smart_resize
 
 _PADS = re.compile(r"<\|image_pad\|>|<\|video_pad\|>")
@@ -56,7 +56,7 @@ class Qwen3VLProcessor(QwenVLProcessor):
             AutoTokenizer.from_pretrained(str(folder)),
             Qwen2VLImageProcessorPil.from_pretrained(str(folder)),
             Qwen3VideoSettings.from_config(video_cfg),
-            chat_template=_template_file(folder),
+            chat_template=template_file(folder),
         )
 
     # ---- video ----------------------------------------------------------------------------
@@ -70,10 +70,7 @@ class Qwen3VLProcessor(QwenVLProcessor):
         max_pixels: int | None = None,
     ) -> MediaInput:
         """Frames (T, H, W, 3) uint8 (or a list of images) sampled at ``fps`` -> MediaInput."""
-        if not isinstance(frames, np.ndarray):
-            frames = stack_frames(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-            raise ValueError(f"video frames must be (T, H, W, 3), got {frames.shape}")
+        frames = video_frames(frames)
         n, height, width = frames.shape[:3]
         factor = self.patch_size * self.merge_size
         v = self.video
@@ -82,13 +79,7 @@ class Qwen3VLProcessor(QwenVLProcessor):
             min_pixels or v.min_pixels, v.clip_max_pixels(n, factor, max_pixels),
         )  # fmt: skip
         stacked = np.stack([self._frame(f, size) for f in frames]).astype(np.float32)
-        pixels = patchify_frames(
-            stacked, self.patch_size, self.merge_size, self.temporal_patch_size
-        )
-        grid_t = -(-n // self.temporal_patch_size)
-        grid = (grid_t, size[0] // self.patch_size, size[1] // self.patch_size)
-        fps = fps or v.fps
-        return MediaInput("video", pixels, grid, seconds_per_grid=self.temporal_patch_size / fps)
+        return self.video_input(stacked, size, fps)
 
     def _frame(self, frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """One frame resized to `size` (bicubic, as the image path), rescaled, normalised."""

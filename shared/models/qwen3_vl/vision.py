@@ -7,7 +7,7 @@ Output: `MediaFeatures` whose `features` are the final merger's rows and whose e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -18,14 +18,10 @@ from shared.models.base import MediaFeatures
 from shared.models.qwen3_vl.config import VisionArgs
 from shared.models.vision_layers import (
     Grid,
+    PackedVisionTower,
     PatchEmbed,
-    VisionAttention,
+    VisionBlock,
     activation,
-    as_grid_list,
-    check_patch_count,
-    frame_cu_seqlens,
-    rotary_cos_sin,
-    sanitize_vision_weights,
     vision_position_ids,
 )
 
@@ -80,6 +76,8 @@ class BiasedPatchEmbed(PatchEmbed):
 
 
 class VisionMlp(nn.Module):
+    """Linear-activation-Linear; the shared `vision_layers.VisionMlp` with Qwen3-VL's names."""
+
     def __init__(self, dim: int, hidden_dim: int, hidden_act: str):
         super().__init__()
         self.linear_fc1 = nn.Linear(dim, hidden_dim)
@@ -90,19 +88,13 @@ class VisionMlp(nn.Module):
         return self.linear_fc2(self._act(self.linear_fc1(x)))
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, args: VisionArgs):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(args.hidden_size, eps=_NORM_EPS)
-        self.norm2 = nn.LayerNorm(args.hidden_size, eps=_NORM_EPS)
-        self.attn = VisionAttention(args.hidden_size, args.num_heads)
-        self.mlp = VisionMlp(args.hidden_size, args.intermediate_size, args.hidden_act)
-
-    def __call__(
-        self, x: mx.array, cos: mx.array, sin: mx.array, cu_seqlens: Sequence[int]
-    ) -> mx.array:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
-        return x + self.mlp(self.norm2(x))
+def make_block(args: VisionArgs) -> VisionBlock:
+    return VisionBlock(
+        args.hidden_size,
+        args.num_heads,
+        partial(nn.LayerNorm, eps=_NORM_EPS),
+        VisionMlp(args.hidden_size, args.intermediate_size, args.hidden_act),
+    )
 
 
 class PatchMerger(nn.Module):
@@ -125,7 +117,7 @@ class PatchMerger(nn.Module):
         return self.linear_fc2(nn.gelu(self.linear_fc1(x)))
 
 
-class VisionModel(nn.Module):
+class VisionModel(PackedVisionTower):
     """Implements `VisionTower`: (N, C*T*P*P) patches + grid_thw -> `MediaFeatures` of
     N / merge^2 rows (main features and one extra per DeepStack level)."""
 
@@ -136,7 +128,7 @@ class VisionModel(nn.Module):
             args.patch_size, args.temporal_patch_size, args.in_channels, args.hidden_size
         )
         self.pos_embed = nn.Embedding(args.num_position_embeddings, args.hidden_size)
-        self.blocks = [VisionBlock(args) for _ in range(args.depth)]
+        self.blocks = [make_block(args) for _ in range(args.depth)]
         self.merger = PatchMerger(args, postshuffle=False)
         self.deepstack_merger_list = [
             PatchMerger(args, postshuffle=True) for _ in args.deepstack_visual_indexes
@@ -150,12 +142,8 @@ class VisionModel(nn.Module):
 
     def __call__(self, pixel_values: mx.array, grid_thw: Any) -> MediaFeatures:
         a = self.args
-        grid = as_grid_list(grid_thw)
-        check_patch_count(pixel_values, grid)
-        cos, sin = rotary_cos_sin(
-            vision_position_ids(grid, a.spatial_merge_size), a.head_dim, a.rope_theta
-        )
-        cu_seqlens = frame_cu_seqlens(grid)  # attention within each frame
+        grid = self.grid(pixel_values, grid_thw)
+        cos, sin, cu_seqlens = self.frame_rotary(grid, a.head_dim)  # attention within each frame
 
         x = self.patch_embed(pixel_values)
         x = x + self._positions(grid).astype(x.dtype)
@@ -167,7 +155,3 @@ class VisionModel(nn.Module):
                 i = levels[layer]
                 deepstack[f"{DEEPSTACK_PREFIX}{i}"] = self.deepstack_merger_list[i](x)
         return MediaFeatures(self.merger(x), deepstack)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        a = self.args
-        return sanitize_vision_weights(weights, a.in_channels, a.temporal_patch_size, a.patch_size)

@@ -28,16 +28,16 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 
 from shared.media.image import ImageSource, load_image
 from shared.media.types import MediaInput, ProcessedPrompt
-from shared.models.qwen2_vl.messages import MediaRef, normalise_messages
-from shared.models.qwen2_vl.processor import _template_file
+from shared.models.chat_messages import MediaRef, refuse_unaccepted
+from shared.models.chat_processor import ChatProcessor, replace_markers, special_token_id
+from shared.models.chat_template import template_file
 from shared.models.smolvlm.config import TowerArgs
-from shared.models.text_processor import MediaNotSupportedError
 
 IMAGE, FAKE, GLOBAL = "<image>", "<fake_token_around_image>", "<global-img>"
 _IMAGE_PROCESSORS = {"smolvlm": SmolVLMImageProcessorPil, "idefics3": Idefics3ImageProcessorPil}
 
 
-class SmolVLMProcessor:
+class SmolVLMProcessor(ChatProcessor):
     modalities = ("text", "image")
 
     def __init__(
@@ -49,9 +49,8 @@ class SmolVLMProcessor:
         image_seq_len: int | None = None,
         chat_template: str | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, chat_template)
         self.image_processor = image_processor
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token_id = self._token_id(IMAGE)
         self.merge_size = tower.scale_factor
         self.side = tower.vision.patches_per_side
@@ -68,10 +67,7 @@ class SmolVLMProcessor:
             )
 
     def _token_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {token} token; is this a SmolVLM checkpoint?")
-        return int(token_id)
+        return special_token_id(self.tokenizer, token, "a SmolVLM checkpoint")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: dict[str, Any]) -> SmolVLMProcessor:
@@ -90,7 +86,7 @@ class SmolVLMProcessor:
             image_cls.from_pretrained(str(folder)),
             TowerArgs.from_config(config),
             image_seq_len=proc_cfg.get("image_seq_len"),
-            chat_template=_template_file(folder),
+            chat_template=template_file(folder),
         )
 
     # ---- media ----------------------------------------------------------------------------
@@ -103,64 +99,25 @@ class SmolVLMProcessor:
         return MediaInput("image", pixels, (pixels.shape[0], self.side, self.side, rows, cols))
 
     def load_media(self, ref: MediaRef) -> MediaInput:
-        if ref.modality != "image":
-            raise MediaNotSupportedError(
-                f"this model does not accept {ref.modality} input; it accepts: text, image"
-            )
+        refuse_unaccepted([ref], self.modalities)
         return self.process_image(ref.source, **ref.options)
 
     # ---- text -----------------------------------------------------------------------------
 
-    def render(
+    def apply_template(
         self,
         messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None,
+        template_kwargs: dict[str, Any],
     ) -> str:
-        normalised, refs = normalise_messages(messages)
-        for ref in refs:
-            if ref.modality != "image":
-                raise MediaNotSupportedError(
-                    f"this model does not accept {ref.modality} input; it accepts: text, image"
-                )
-        if self.chat_template is None:
-            raise ValueError("this checkpoint has no chat template")
-        if tools is not None:
-            template_kwargs["tools"] = tools
-        return self.tokenizer.apply_chat_template(
-            [_with_parts(m) for m in normalised],
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
-
-    def __call__(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        **template_kwargs: Any,
-    ) -> ProcessedPrompt:
-        text = self.render(
-            messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs
-        )
-        _, refs = normalise_messages(messages)
-        return self.build_prompt(text, [self.load_media(ref) for ref in refs])
+        parts = [_with_parts(m) for m in messages]
+        return super().apply_template(parts, add_generation_prompt, tools, template_kwargs)
 
     def build_prompt(self, text: str, media: list[MediaInput]) -> ProcessedPrompt:
         """Expand each ``<image>`` of a rendered prompt for its image, then tokenize."""
-        pieces = text.split(IMAGE)
-        if len(pieces) - 1 != len(media):
-            found = len(pieces) - 1
-            raise ValueError(f"prompt has {found} {IMAGE} placeholders, got {len(media)} images")
-        out = [pieces[0]]
-        for item, piece in zip(media, pieces[1:], strict=True):
-            out += [self.image_text(*tile_layout(item)), piece]
-        ids = self.tokenizer.encode("".join(out), add_special_tokens=False)
+        text = replace_markers(text, IMAGE, media, lambda item: self.image_text(*tile_layout(item)))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ProcessedPrompt(input_ids=list(ids), media=list(media))
 
     def image_text(self, rows: int, cols: int) -> str:
