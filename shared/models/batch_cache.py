@@ -115,8 +115,8 @@ class BatchKVCache:
         self._fit(keys, values)
         assert self.keys is not None and self.values is not None and lay.write is not None
         rows, flat = keys.shape[0], lay.flat_index(keys.shape[1])
-        self.keys = _scatter_rows(self.keys, flat, keys)
-        self.values = _scatter_rows(self.values, flat, values)
+        self.keys = scatter_rows(self.keys, flat, keys)
+        self.values = scatter_rows(self.values, flat, values)
         span = lay.span
         return self.keys[:rows, :, :span, :], self.values[:rows, :, :span, :]
 
@@ -152,18 +152,20 @@ class BatchKVCache:
             self.values = mx.zeros(shape, values.dtype)
             return
         assert self.values is not None
-        self.keys = _resize(self.keys, lay.slots, lay.capacity)
-        self.values = _resize(self.values, lay.slots, lay.capacity)
+        self.keys = resize(self.keys, lay.slots, lay.capacity)
+        self.values = resize(self.values, lay.slots, lay.capacity)
 
 
-def _scatter_rows(buf: mx.array, flat: mx.array, new: mx.array) -> mx.array:
+def scatter_rows(buf: mx.array, flat: mx.array, new: mx.array) -> mx.array:
+    """Write `new` (rows, n_kv, width, X) at the flat (slot, head, position) indices `flat`."""
     shape = buf.shape
     view = buf.reshape(-1, shape[-1])
     view[flat] = new.reshape(-1, shape[-1]).astype(buf.dtype)
     return view.reshape(shape)
 
 
-def _resize(buf: mx.array, slots: int, capacity: int) -> mx.array:
+def resize(buf: mx.array, slots: int, capacity: int) -> mx.array:
+    """A (slots, n_kv, capacity, X) buffer with `buf`'s contents (grown or shrunk)."""
     s, h, t, d = buf.shape
     if t > capacity:  # shrink: copy, so the large buffer can be freed
         buf = mx.contiguous(buf[:, :, :capacity, :])

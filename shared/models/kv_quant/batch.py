@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..batch_cache import T_STEP, BatchLayout
+from ..batch_cache import T_STEP, BatchLayout, resize, scatter_rows
 from ..batch_cache import make_batch_caches as make_plain_batch_caches
 from .cache import make_codec, make_window, select_window
 from .codec import KVCodec, Mask, Parts, aligned_keys
@@ -74,8 +74,8 @@ class BatchQuantCache(AttendingCache):
         k, v = self.codec.encode_keys(keys), self.codec.encode_values(values)
         self._fit(k, v)
         flat = lay.flat_index(keys.shape[1])
-        self.keys = tuple(_scatter(b, flat, n) for b, n in zip(self.keys, k, strict=True))
-        self.values = tuple(_scatter(b, flat, n) for b, n in zip(self.values, v, strict=True))
+        self.keys = tuple(scatter_rows(b, flat, n) for b, n in zip(self.keys, k, strict=True))
+        self.values = tuple(scatter_rows(b, flat, n) for b, n in zip(self.values, v, strict=True))
         rows, capacity = keys.shape[0], self.keys[0].shape[2]
         span, mask = aligned_keys(mask, keys.shape[2], lay.span, self.codec.key_align, capacity)
         k, v = (tuple(b[:rows, :, :span, :] for b in p) for p in (self.keys, self.values))
@@ -111,26 +111,7 @@ class BatchQuantCache(AttendingCache):
 def _fit(buffers: Parts, like: Parts, slots: int, capacity: int) -> Parts:
     if not buffers:
         return tuple(mx.zeros((slots, p.shape[1], capacity, p.shape[3]), p.dtype) for p in like)
-    return tuple(_resize(b, slots, capacity) for b in buffers)
-
-
-def _resize(buf: mx.array, slots: int, capacity: int) -> mx.array:
-    s, h, t, x = buf.shape
-    if t > capacity:  # shrink: copy, so the large buffer can be freed
-        buf = mx.contiguous(buf[:, :, :capacity, :])
-    elif t < capacity:
-        buf = mx.concatenate([buf, mx.zeros((s, h, capacity - t, x), buf.dtype)], axis=2)
-    if s < slots:
-        buf = mx.concatenate([buf, mx.zeros((slots - s, h, capacity, x), buf.dtype)], axis=0)
-    return buf
-
-
-def _scatter(buf: mx.array, flat: mx.array, new: mx.array) -> mx.array:
-    """Write (rows, n_kv, width, X) at the flat (slot, head, position) indices of `flat`."""
-    shape = buf.shape
-    view = buf.reshape(-1, shape[-1])
-    view[flat] = new.reshape(-1, shape[-1]).astype(buf.dtype)
-    return view.reshape(shape)
+    return tuple(resize(b, slots, capacity) for b in buffers)
 
 
 def make_batch_caches(num_layers: int, cfg: KVQuantConfig) -> tuple[BatchLayout, list]:
