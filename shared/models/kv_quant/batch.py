@@ -18,7 +18,7 @@ import numpy as np
 from ..batch_cache import T_STEP, BatchLayout, resize, scatter_rows
 from ..batch_cache import make_batch_caches as make_plain_batch_caches
 from .cache import make_codec, make_window, select_window
-from .codec import KVCodec, Mask, Parts, aligned_keys
+from .codec import KVCodec, Mask, Parts
 from .config import KVQuantConfig
 from .protocol import AttendingCache
 from .window import Window
@@ -76,8 +76,7 @@ class BatchQuantCache(AttendingCache):
         flat = lay.flat_index(keys.shape[1])
         self.keys = tuple(scatter_rows(b, flat, n) for b, n in zip(self.keys, k, strict=True))
         self.values = tuple(scatter_rows(b, flat, n) for b, n in zip(self.values, v, strict=True))
-        rows, capacity = keys.shape[0], self.keys[0].shape[2]
-        span, mask = aligned_keys(mask, keys.shape[2], lay.span, self.codec.key_align, capacity)
+        rows, span = keys.shape[0], lay.span
         k, v = (tuple(b[:rows, :, :span, :] for b in p) for p in (self.keys, self.values))
         return self.codec.attention(queries, k, v, scale, mask)
 

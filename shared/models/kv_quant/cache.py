@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..cache import KVCache
-from .codec import FullPrecision, KVCodec, Mask, Parts, aligned_keys
+from .codec import FullPrecision, KVCodec, Mask, Parts
 from .config import KVQuantConfig
 from .protocol import AttendingCache
 from .turboquant import TurboQuantCodec
@@ -64,8 +64,6 @@ class QuantKVCache(AttendingCache):
         self._write(start, self.codec.encode_keys(keys), self.codec.encode_values(values))
         self.offset += length
         n = self.offset if self.window is None else self.window.stored(self.offset)
-        capacity = self.keys[0].shape[2]
-        n, mask = aligned_keys(mask, length, n, self.codec.key_align, capacity)
         k, v = (tuple(x[..., :n, :] for x in parts) for parts in (self.keys, self.values))
         return self.codec.attention(queries, k, v, scale, mask)
 

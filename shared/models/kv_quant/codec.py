@@ -16,9 +16,6 @@ Mask = str | mx.array | None
 
 
 class KVCodec(Protocol):
-    # Attend over a multiple of this many key positions (the extra ones masked out).
-    key_align: int
-
     def encode_keys(self, keys: mx.array) -> Parts: ...
 
     def encode_values(self, values: mx.array) -> Parts: ...
@@ -30,8 +27,6 @@ class KVCodec(Protocol):
 
 class FullPrecision:
     """Keys and values as they come (a window cache without quantization)."""
-
-    key_align = 1
 
     def encode_keys(self, keys: mx.array) -> Parts:
         return (keys,)
@@ -99,19 +94,3 @@ def bool_mask(mask: Mask, queries: int, keys: int) -> mx.array | None:
         return mask
     q_pos = mx.arange(keys - queries, keys)
     return q_pos[:, None] >= mx.arange(keys)[None]
-
-
-def aligned_keys(
-    mask: Mask, queries: int, keys: int, align: int, capacity: int
-) -> tuple[int, Mask]:
-    """Key positions to attend over (`keys` rounded up to `align`, within the buffers'
-    `capacity`) and the mask hiding the extra ones: the caches slice their buffers, which
-    are zeros or stale codes past `keys`, to that length without copying."""
-    padded = min(-(-keys // align) * align, capacity)
-    if padded == keys:
-        return keys, mask
-    real = bool_mask(mask, queries, keys)
-    if real is None:
-        real = mx.ones((queries, keys), mx.bool_)
-    extra = mx.zeros((*real.shape[:-1], padded - keys), mx.bool_)
-    return padded, mx.concatenate([real, extra], axis=-1)

@@ -57,8 +57,6 @@ class TurboQuantizer:
 
 
 class TurboQuantCodec:
-    key_align = 1
-
     def __init__(self, key_bits: int, value_bits: int) -> None:
         self.keys_q, self.values_q = TurboQuantizer(key_bits), TurboQuantizer(value_bits)
 

@@ -10,10 +10,6 @@ from .codec import Mask, Parts, fold_queries, masked
 
 
 class UniformCodec:
-    # MLX 0.32's CUDA 8-bit quantized_matmul fails ("No implementation for problem shape") or
-    # stalls when the key count is not a multiple of 64 (seen on an H200; bench/NOTES.md).
-    key_align = 64
-
     def __init__(self, bits: int, group_size: int, packed: bool | None = None) -> None:
         self.bits, self.group_size = bits, group_size
         # MLX 0.32's CUDA quantized_matmul has no kernel for many attention shapes (8-bit keys
