@@ -73,7 +73,7 @@ class BatchRunner:
         self.drafts = np.zeros(max_slots, bool)  # rows that may draft (see `start`)
         self.draft_cap = np.zeros(max_slots, np.int64)  # drafts per step per row (request's)
         # EAGLE-3 reads the target's hidden states entering a few layers, every forward pass.
-        self.taps: tuple[int, ...] = getattr(drafter, "aux_layers", ())
+        self.taps = drafter.aux_layers if drafter is not None else ()
         if self.taps:
             self.lm.model.capture(self.taps)  # type: ignore[attr-defined]
         self.tokens: mx.array | None = None  # last sampled token per row
@@ -87,7 +87,7 @@ class BatchRunner:
     def decode_tokens(self) -> int:
         """Tokens the decoding rows take from a step's budget: 1 each, plus the drafts a
         drafting row may verify."""
-        k = getattr(self.drafter, "k", 0)
+        k = self.drafter.k if self.drafter is not None else 0
         drafting = self.active & self.drafts
         return self.decoding + int(np.minimum(self.draft_cap[drafting], k).sum())
 
@@ -110,7 +110,7 @@ class BatchRunner:
         self.drafts[slot] = (
             drafter_on(self.drafter) and req.speculative and not seq.constrained
         ) and seq.logprobs < 0
-        self.draft_cap[slot] = req.num_draft_tokens or getattr(self.drafter, "k", 0)
+        self.draft_cap[slot] = req.num_draft_tokens or (self.drafter.k if self.drafter else 0)
 
     def prefill(self, seq: Sequence, n: int) -> mx.array | None:
         """Queue the next `n` prompt tokens; the last position's logits once the prompt is

@@ -27,6 +27,7 @@ class Row(Protocol):
 class Drafter(Protocol):
     kind: str
     k: int  # drafts per step (--num-draft-tokens)
+    aux_layers: tuple[int, ...]  # target layers whose inputs it reads (EAGLE-3); () otherwise
 
     def start(self, slot: int, prompt_ids: list[int]) -> None:
         """A row's prompt is prefilled into `slot`; its first token is not emitted yet."""

@@ -24,6 +24,7 @@ class DraftModelProposer(SlotDrafter):
     """`lengths[slot]`: history tokens in the slot's KV."""
 
     kind = "draft"
+    aux_layers: tuple[int, ...] = ()
 
     def __init__(self, lm: object, num_draft_tokens: int, max_slots: int, vocab: int) -> None:
         super().__init__(num_draft_tokens, max_slots, len(lm.layers))  # type: ignore[attr-defined]

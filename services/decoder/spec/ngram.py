@@ -35,6 +35,7 @@ class NgramProposer:
     """Host-side drafts for the rows of a step (no device state to keep in sync)."""
 
     kind = "ngram"
+    aux_layers: tuple[int, ...] = ()
 
     def __init__(self, num_draft_tokens: int, max_n: int = 4, min_n: int = 1) -> None:
         self.k, self.max_n, self.min_n = num_draft_tokens, max_n, min_n
