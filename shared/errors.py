@@ -53,3 +53,12 @@ class BackendUnavailableError(PrismError):
     grpc_code = "UNAVAILABLE"
     http_status = 503
     error_type = "server_error"
+
+
+class DeadlineExceededError(PrismError):
+    """The request's own deadline passed while this service waited on another: the caller
+    answers 504, as when its own deadline fires first (which of the two ends first is a race)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 504
+    error_type = "timeout"

@@ -37,7 +37,7 @@ from services.decoder.structured import (
 )
 from services.decoder.token_text import TokenText
 from shared.errors import (
-    BackendUnavailableError,
+    DeadlineExceededError,
     InvalidRequestError,
     MissingFeaturesError,
     ModelNotServedError,
@@ -239,7 +239,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         try:
             entries: list[Any] = await asyncio.wait_for(gets, timeout)
         except asyncio.TimeoutError as exc:
-            raise BackendUnavailableError("feature fetch ran past the request deadline") from exc
+            raise DeadlineExceededError("feature fetch ran past the request deadline") from exc
         missing = [
             k for k, e in zip(unique, entries, strict=True) if not e or MAIN_FEATURES not in e
         ]

@@ -30,7 +30,12 @@ from services.encoder.types import (
     MediaItemInput,
     TensorInfo,
 )
-from shared.errors import BackendUnavailableError, InvalidRequestError, ModelNotServedError
+from shared.errors import (
+    BackendUnavailableError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelNotServedError,
+)
 from shared.models.base import MAIN_FEATURES, MediaFeatures
 from shared.models.qwen2_vl.messages import MediaRef
 from shared.rpc.tensors import dtype_name
@@ -269,4 +274,4 @@ async def _bounded(awaitable: Awaitable[T], deadline: float | None) -> T:
     try:
         return await asyncio.wait_for(awaitable, max(remaining, 0.001))
     except asyncio.TimeoutError as exc:
-        raise BackendUnavailableError("cache call ran past the request deadline") from exc
+        raise DeadlineExceededError("cache call ran past the request deadline") from exc
