@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from shared.api import load
-from shared.models.batch_cache import CompiledStep, make_batch_caches
+from shared.models.batch_cache import make_batch_caches
 
 
 def timed(fn: Callable[[], mx.array], steps: int, repeats: int) -> float:
@@ -53,9 +53,7 @@ def fill(caches: list, rows: int, context: int, n_kv: int, head_dim: int, dtype:
     mx.eval([c.state for c in caches])
 
 
-def profile(
-    lm, rows: int, context: int, steps: int, repeats: int, compiled: bool = False
-) -> dict[str, float]:
+def profile(lm, rows: int, context: int, steps: int, repeats: int) -> dict[str, float]:
     n_layers, n_kv, head_dim = len(lm.layers), lm.n_kv_heads, lm.head_dim
     dtype = lm.model.norm.weight.dtype
     layout, caches = make_batch_caches(n_layers)
@@ -64,15 +62,9 @@ def profile(
     tokens = mx.zeros((rows, 1), mx.int32)
     positions = mx.array(lengths.astype(np.int32))[:, None]
 
-    def forward(t: mx.array, p: mx.array) -> mx.array:
-        return lm(t, caches, position_ids=p)[:, -1, :]
-
-    run = CompiledStep(forward, caches) if compiled else forward
-
     def step() -> mx.array:
-        # Same length every call: the cache never grows. --compile: the engine's stable span.
-        layout.begin(lengths, rows, stable=compiled)
-        return mx.argmax(run(tokens, positions), axis=-1)
+        layout.begin(lengths, rows)  # same length every call: the cache never grows
+        return mx.argmax(lm(tokens, caches, position_ids=positions)[:, -1, :], axis=-1)
 
     out = {"step": timed(step, steps, repeats)}
     out["no_kv"] = timed(lambda: mx.argmax(lm(tokens)[:, -1, :], axis=-1), steps, repeats)
@@ -80,8 +72,8 @@ def profile(
     n_heads = lm.layers[0].self_attn.n_heads
     q = mx.random.normal((rows, n_heads, 1, head_dim)).astype(dtype)
     keys, values = (
-        caches[0].keys[:rows, :, : layout.span],
-        caches[0].values[:rows, :, : layout.span],
+        caches[0].keys[:rows, :, : context + 1],
+        caches[0].values[:rows, :, : context + 1],
     )
     mask = layout.mask
     scale = head_dim**-0.5
@@ -119,7 +111,6 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="the step as PRISM_COMPILE_DECODE runs")
     args = p.parse_args()
     model = load(args.model, components=("language",))
     lm = model.language
@@ -129,10 +120,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for rows in (int(r) for r in args.rows.split(",")):
         t = {
-            k: v * 1e3
-            for k, v in profile(
-                lm, rows, args.context, args.steps, args.repeats, args.compile
-            ).items()
+            k: v * 1e3 for k, v in profile(lm, rows, args.context, args.steps, args.repeats).items()
         }
         t["step - no_kv"] = t["step"] - t["no_kv"]
         print(f"| {rows} | " + " | ".join(f"{t[c]:.2f}" for c in cols[1:]) + " |", flush=True)

@@ -31,8 +31,6 @@ class EngineConfig:
     draft_kind: str = ""  # speculative decoding: draft | ngram | eagle3 ("": from draft_model)
     draft_model: str = ""  # the drafter's checkpoint (draft, eagle3)
     num_draft_tokens: int = 4  # tokens drafted per row per step (0: no speculation)
-    # One mx.compile'd function per decode step shape (issue #10); default: PRISM_COMPILE_DECODE.
-    compile_decode: bool = dataclasses.field(default_factory=lambda: compile_decode_default())
     # Derived by `resolve`:
     vocab_size: int = 0
     kv_tokens: int = 0
@@ -102,25 +100,11 @@ _FLAGS = (  # (flag, default, help); each also reads PRISM_<FLAG IN CAPITALS>
 )
 
 
-COMPILE_DECODE_DEFAULT = "0"  # off until the GPU measurement says it helps (bench/NOTES.md)
-
-
-def compile_decode_default() -> bool:
-    """PRISM_COMPILE_DECODE, as a boolean."""
-    value = env("PRISM_COMPILE_DECODE", COMPILE_DECODE_DEFAULT) or COMPILE_DECODE_DEFAULT
-    return value.lower() not in ("0", "false", "no", "off")
-
-
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for flag, default, text in _FLAGS:
         name = "PRISM_" + flag.removeprefix("--").replace("-", "_").upper()
         value = int(env(name, str(default)) or default)
         parser.add_argument(flag, type=int, default=value, help=f"{text} [{name}]")
-    parser.add_argument(
-        "--compile-decode", action=argparse.BooleanOptionalAction,
-        default=compile_decode_default(),
-        help="run each decode step as one mx.compile'd function [PRISM_COMPILE_DECODE]",
-    )  # fmt: skip
     add_kv_quant_flags(parser)
 
 
@@ -208,5 +192,4 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         draft_kind=getattr(args, "draft_kind", None) or "",
         draft_model=getattr(args, "draft_model", "") or "",
         num_draft_tokens=getattr(args, "num_draft_tokens", 4),
-        compile_decode=getattr(args, "compile_decode", compile_decode_default()),
     )

@@ -6,10 +6,6 @@ steps run rows [0, highest occupied slot]; per-slot numpy vectors say where each
 (`lengths`), its rotary position (`lengths + deltas`: M-RoPE rows carry their delta) and
 whether it still decodes (`active`). Rows that are free, prefilling or done compute garbage
 nobody reads. Everything here is queued lazily; the engine decides when to evaluate.
-
-With `compile_decode` (issue #10) a plain decode step runs as one `mx.compile`d function
-(`batch_cache.CompiledStep`) over a row count rounded up to a bucket, so its shapes change
-only when the bucket or the 256-token attention span does.
 """
 
 from __future__ import annotations
@@ -22,10 +18,8 @@ import numpy as np
 
 from services.decoder.apc.prefix import PrefixCache
 from services.decoder.batch_sampler import BatchSampler, Sampled, Verified
-from services.decoder.config import compile_decode_default
 from services.decoder.sequence import Sequence
 from services.decoder.spec.base import Drafter, Proposal, drafter_on
-from shared.models.batch_cache import CompiledStep, row_bucket
 from shared.models.kv_quant import KVQuantConfig, make_batch_caches
 from shared.runtime.generate import forward_span, prepare_inputs
 from shared.runtime.loaded import LoadedModel
@@ -60,7 +54,6 @@ class BatchRunner:
         prefix: PrefixCache,
         drafter: Drafter | None = None,
         kv_quant: KVQuantConfig | None = None,
-        compile_decode: bool | None = None,
     ) -> None:
         assert model.language is not None
         self.model, self.lm, self.sampler = model, model.language, sampler
@@ -85,13 +78,6 @@ class BatchRunner:
             self.lm.model.capture(self.taps)  # type: ignore[attr-defined]
         self.tokens: mx.array | None = None  # last sampled token per row
         self._joins: dict[int, mx.array] = {}  # slot -> first token, joining next step
-        if compile_decode is None:
-            compile_decode = compile_decode_default()
-        # EAGLE-3's captured hidden states are side outputs a trace cannot hand back, so a
-        # capturing LM decodes uncompiled (its drafting steps are wide, uncompiled, anyway).
-        self.compiled = (
-            CompiledStep(self._forward, self.caches) if compile_decode and not self.taps else None
-        )
 
     @property
     def decoding(self) -> int:
@@ -175,26 +161,17 @@ class BatchRunner:
         """Queue one forward pass over every row; None when no row decodes."""
         if not self.active.any():
             return None
-        n = int(np.flatnonzero(self.occupied)[-1]) + 1
-        # Compiled: pad with free slots (length 0, never read) to the row bucket's shape.
-        rows = row_bucket(n, self.max_slots) if self.compiled is not None else n
+        rows = int(np.flatnonzero(self.occupied)[-1]) + 1
         lengths = self.lengths[:rows]
-        self.layout.begin(lengths, self.max_slots, stable=self.compiled is not None)
+        self.layout.begin(lengths, self.max_slots)
         positions = mx.array((lengths + self.deltas[:rows]).astype(np.int32))[:, None]
-        tokens = self._inputs(rows)[:, None]
-        forward = self.compiled if self.compiled is not None else self._forward
-        logits = forward(tokens, positions)
-        if rows > n:
-            logits = logits[:n]
-        live, index = self.active[:n].copy(), self.index[:n].copy()
-        self.lengths[:n] += live
-        self.index[:n] += live
-        self.active[:n] &= self.index[:n] < self.limit[:n]
+        tokens = self._inputs(rows)
+        logits = self.lm(tokens[:, None], self.caches, position_ids=positions)[:, -1, :]
+        live, index = self.active[:rows].copy(), self.index[:rows].copy()
+        self.lengths[:rows] += live
+        self.index[:rows] += live
+        self.active[:rows] &= self.index[:rows] < self.limit[:rows]
         return DecodeStep(logits, live, index)
-
-    def _forward(self, tokens: mx.array, positions: mx.array) -> mx.array:
-        """(rows, V) last-position logits of one step over the slot caches (laid out)."""
-        return self.lm(tokens, self.caches, position_ids=positions)[:, -1, :]
 
     def sample(self, step: DecodeStep, masks: dict[int, np.ndarray] | None) -> Sampled:
         rows = len(step.live)

@@ -16,19 +16,9 @@ the per-layer caches stay dumb and the model code only needs `cache.make_mask()`
 `transformer.create_attention_mask`). Rows that are free or finished still compute (their
 slot is inside the batch) but nothing reads their results: they write at their own length
 and see at least that position, so their numbers stay finite (no all-masked softmax).
-
-Stable shapes (issue #10): a wide step, or a `stable` one, attends over whole T_STEPs of keys
-(the rest masked), so its shapes change once per 256 tokens, not every step. `CompiledStep`
-builds on that: it runs the LM over the slot caches as one `mx.compile`d function per
-(rows, span, capacity), the buffers passed in and the updated ones returned. Plain uncompiled
-one-token steps attend over the exact span: on the CPU the padding costs up to ~15% at 8 rows
-of short contexts (bench/NOTES.md).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -41,14 +31,6 @@ def _round_up(n: int, step: int) -> int:
     return max(step, -(-n // step) * step)
 
 
-def row_bucket(rows: int, max_slots: int) -> int:
-    """Rows a compiled step runs for `rows` live ones: powers of two up to SLOT_STEP, then
-    SLOT_STEP multiples (few shapes to compile), never past `max_slots`. Small batches are not
-    padded to SLOT_STEP: one row costs less than eight in every matmul."""
-    bucket = 1 << max(0, rows - 1).bit_length() if rows < SLOT_STEP else _round_up(rows, SLOT_STEP)
-    return max(rows, min(bucket, max_slots))
-
-
 class BatchLayout:
     """One decode step's geometry, computed once and read by every layer's cache."""
 
@@ -57,7 +39,7 @@ class BatchLayout:
         self.capacity = 0  # token capacity of every layer's buffers
         self.rows = 0  # rows in this step (slots [0, rows))
         self.width = 1  # tokens per row this step
-        self.span = 0  # tokens attended this step: max(lengths[:rows]) + width (or whole T_STEPs)
+        self.span = 0  # tokens attended this step: max(lengths[:rows]) + width
         self.write: mx.array | None = None  # (rows,) int32 position each row starts writing at
         self.mask: mx.array | None = None  # (rows, 1, width, span) bool: True = visible
         self._flat: mx.array | None = None  # scatter indices, built by the first layer
@@ -66,16 +48,12 @@ class BatchLayout:
         """No live rows: forget the capacities (the caches release their buffers)."""
         self.__init__()
 
-    def begin(
-        self, lengths: np.ndarray, max_slots: int, width: int = 1, stable: bool = False
-    ) -> None:
-        """Lay out a step of `width` tokens over rows [0, len(lengths)); grow capacities.
-        `stable`: attend over whole T_STEPs even for one token (a compiled step's shapes)."""
+    def begin(self, lengths: np.ndarray, max_slots: int, width: int = 1) -> None:
+        """Lay out a step of `width` tokens over rows [0, len(lengths)); grow capacities."""
         rows = len(lengths)
         self.rows, self.width, self.span = rows, width, int(lengths.max()) + width
-        if width > 1 or stable:  # whole T_STEPs, the extra keys masked: MLX CUDA builds its
-            # multi-query attention kernel for each key length (~0.6 s each on an H200,
-            # bench/NOTES.md), and a compiled step is traced once per shape.
+        if width > 1:  # MLX CUDA compiles its multi-query attention kernel for each key length
+            # (~0.6 s each on an H200, bench/NOTES.md): attend over whole T_STEPs, extra masked.
             self.span = _round_up(self.span, T_STEP)
         if rows > self.slots:
             self.slots = min(max_slots, _round_up(rows, SLOT_STEP))
@@ -153,17 +131,6 @@ class BatchKVCache:
     def release(self) -> None:
         self.keys = self.values = None
 
-    def grow(self) -> None:
-        """Resize existing buffers to the layout's capacities now (before a compiled step,
-        whose traced function must see buffers of their final shapes)."""
-        if self.keys is not None and self.values is not None:
-            self.keys = resize(self.keys, self.layout.slots, self.layout.capacity)
-            self.values = resize(self.values, self.layout.slots, self.layout.capacity)
-
-    def restore(self, state: Sequence[mx.array]) -> None:
-        """Take buffers back in `state`'s order (what a compiled step returns)."""
-        self.keys, self.values = state
-
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
         if self.keys is None or self.values is None:
@@ -187,76 +154,6 @@ class BatchKVCache:
         assert self.values is not None
         self.keys = resize(self.keys, lay.slots, lay.capacity)
         self.values = resize(self.values, lay.slots, lay.capacity)
-
-
-class CompiledStep:
-    """`forward(tokens, positions) -> logits` over slot caches as one `mx.compile`d function.
-
-    A one-token decode step is about a thousand small ops for a 28-layer LM (issue #10: launch
-    and graph-building bound on the H100). Compiled, MLX replays a traced graph (no Python per
-    op) and fuses the elementwise chains. The buffers, the layout's write positions and mask
-    are the function's inputs and the updated buffers its outputs, so nothing stale is captured
-    in the trace.
-    Every Python number the trace reads (rows, span, capacity, slots) is an input's shape, so
-    MLX's per-shape cache of traces never replays one for the wrong geometry.
-    """
-
-    # MLX keeps every trace until its compiled function is dropped: ~2.4 MB each for 28 layers
-    # (bench/NOTES.md). A long-running server meets a new (rows, span, capacity) every 256
-    # tokens of its longest row, so past this many shapes the traces start over.
-    MAX_TRACES = 64
-
-    def __init__(self, forward: Callable[[mx.array, mx.array], mx.array], caches: list) -> None:
-        self.forward, self.caches = forward, caches
-        self.layout: BatchLayout = caches[0].layout
-        self._fn = mx.compile(self._traced)
-        self.shapes: set[tuple] = set()  # the input shapes (and dtypes) traced by `_fn`
-
-    def __call__(self, tokens: mx.array, positions: mx.array) -> mx.array:
-        lay = self.layout
-        if tokens.shape[0] != lay.rows or tokens.shape[1] != lay.width:
-            raise ValueError(f"tokens {tokens.shape} do not match the layout's rows and width")
-        for cache in self.caches:
-            cache.grow()
-        sizes = [len(cache.state) for cache in self.caches]
-        if not all(sizes):
-            raise ValueError("a compiled step needs every cache's buffers (insert a row first)")
-        flat = [a for cache in self.caches for a in cache.state]
-        assert lay.write is not None and lay.mask is not None, "BatchLayout.begin first"
-        shapes = (tokens.shape, tokens.dtype, positions.dtype, lay.mask.shape)
-        self._bound((*shapes, *(a.shape for a in flat)))
-        out = self._fn(tokens, positions, lay.write, lay.mask, *flat)
-        self._restore(out[1:], sizes)
-        return out[0]
-
-    def _bound(self, shapes: tuple) -> None:
-        """Start the traces over before a new shape would exceed MAX_TRACES (dropping the
-        compiled function frees its traces)."""
-        if shapes in self.shapes:
-            return
-        if len(self.shapes) >= self.MAX_TRACES:
-            self._fn = mx.compile(self._traced)
-            self.shapes.clear()
-        self.shapes.add(shapes)
-
-    def _traced(self, tokens: mx.array, positions: mx.array, *arrays: mx.array) -> list[Any]:
-        lay, (write, mask), flat = self.layout, arrays[:2], arrays[2:]
-        saved = lay.write, lay.mask, [cache.state for cache in self.caches]
-        lay.write, lay.mask, lay._flat = write, mask, None
-        self._restore(flat, [len(s) for s in saved[2]])
-        try:
-            logits = self.forward(tokens, positions)
-            return [logits, *(a for cache in self.caches for a in cache.state)]
-        finally:  # the tracer arrays must not outlive the trace
-            lay.write, lay.mask, lay._flat = saved[0], saved[1], None
-            for cache, state in zip(self.caches, saved[2], strict=True):
-                cache.restore(state)
-
-    def _restore(self, flat: Sequence[mx.array], sizes: list[int]) -> None:
-        start = 0
-        for cache, n in zip(self.caches, sizes, strict=True):
-            cache.restore(flat[start : start + n])
-            start += n
 
 
 def scatter_rows(buf: mx.array, flat: mx.array, new: mx.array) -> mx.array:

@@ -12,8 +12,6 @@ With a window, `WindowLayout` maps each row's next token to its slot in the ring
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import mlx.core as mx
 import numpy as np
 
@@ -36,17 +34,12 @@ class WindowLayout(BatchLayout):
     def reset(self) -> None:
         BatchLayout.__init__(self)  # the base re-runs __init__(); keep the window
 
-    def begin(
-        self, lengths: np.ndarray, max_slots: int, width: int = 1, stable: bool = False
-    ) -> None:
+    def begin(self, lengths: np.ndarray, max_slots: int, width: int = 1) -> None:
         if width != 1:
             raise ValueError("a KV window decodes one token per row (no speculative tokens)")
-        # Write at each row's ring slot.
-        super().begin(self.window.slot(lengths), max_slots, stable=stable)
+        super().begin(self.window.slot(lengths), max_slots)  # write at each row's ring slot
         visible = np.minimum(lengths + 1, self.window.size)  # a full window: every slot
         self.span = int(visible.max())
-        if stable:  # whole T_STEPs, the rest masked, at most the window (then it never changes)
-            self.span = min(-(-self.span // T_STEP) * T_STEP, self.window.size)
         self.capacity = max(self.capacity, -(-self.span // T_STEP) * T_STEP)
         seen = mx.arange(self.span)[None, :] < mx.array(visible.astype(np.int32))[:, None]
         self.mask = seen[:, None, None, :]
@@ -98,16 +91,6 @@ class BatchQuantCache(AttendingCache):
 
     def release(self) -> None:
         self.keys = self.values = ()
-
-    def grow(self) -> None:
-        """Resize existing buffers to the layout's capacities now (see `BatchKVCache.grow`)."""
-        if self.keys:
-            self._fit(self.keys, self.values)
-
-    def restore(self, state: Sequence[mx.array]) -> None:
-        """Take buffers back in `state`'s order (keys' parts, then values')."""
-        n = len(self.keys)
-        self.keys, self.values = tuple(state[:n]), tuple(state[n:])
 
     @property
     def state(self) -> Parts:
