@@ -8,6 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from shared import cpu_blas
 from shared.models.kv_quant import config as kv_quant_flags
 
 
@@ -33,7 +34,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
-        help="cast floating-point weights (default: as stored)",
+        help="cast floating-point weights (default: as stored; float32 on the CPU with MKL)",
     )
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     kv_quant_flags.add_flags(p)
@@ -90,6 +91,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(f"Peak memory: {last.peak_memory_gb:.3f} GB", file=sys.stderr)
+        print(f"CPU BLAS: {cpu_blas.status()}", file=sys.stderr)
     return 0
 
 

@@ -227,6 +227,36 @@ def test_metrics_exposed(client, stack):
     assert 'prism:num_requests_running{model_name="txt"} 0.0' in text
 
 
+def _metric(text: str, name: str) -> float:
+    """One sample's value from a Prometheus text page (0 when absent)."""
+    line = next((x for x in text.splitlines() if x.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def test_metrics_split_time_to_first_token_into_phases(client, stack):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    page = lambda: httpx.get(stack.url + "/metrics", headers=auth).text  # noqa: E731
+    before = page()
+    image = {"type": "image_url", "image_url": {"url": png_data_uri()}}
+    for model, content in (("vl", [image, {"type": "text", "text": "x"}]), ("txt", "y")):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}])
+    after = page()
+
+    def delta(phase: str, model: str, stat: str) -> float:
+        name = f'prism:request_{phase}_time_seconds_{stat}{{model_name="{model}"}}'
+        return _metric(after, name) - _metric(before, name)
+
+    # The decoder's own timings (the fake sends 1, 2, 3 and 4 ms): queue = fetch + admission.
+    for model in ("vl", "txt"):
+        assert delta("queue", model, "sum") == pytest.approx(0.003)
+        assert delta("prefill", model, "sum") == pytest.approx(0.003)
+        assert delta("decode", model, "sum") == pytest.approx(0.004)
+    # Media phases are timed at the gateway, for requests that carry media only.
+    for phase in ("media", "encode"):
+        assert delta(phase, "vl", "count") == 1 and delta(phase, "vl", "sum") > 0
+        assert delta(phase, "txt", "count") == 0
+
+
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}],

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import REPO
+from . import REPO, phases
 from .context import default_concurrency, header, make_small
 from .load import KINDS, bodies_for, noise_png, run_level
 from .report import Row, ratio_table, summarize, table
@@ -163,10 +163,13 @@ def _level(args: argparse.Namespace, order: list[Server], kind: str, c: int) -> 
             body = bodies_for(s, kind, warm_level, warm_images, args.max_tokens)
             asyncio.run(run_level(s, body, c, args.request_timeout))
         body = bodies_for(s, kind, tags, images, args.max_tokens)
+        before = phases.scrape(s.url) if s.name == "prism" else {}
         results = asyncio.run(run_level(s, body, c, args.request_timeout))
         if not s.alive():
             note = (note + "; " if note else "") + "crashed during the level"
         row = summarize(s.name, kind, c, n, results, note)
+        if before:
+            row.phases = phases.means(before, phases.scrape(s.url))
         rows.append(row)
         print(
             f"{s.name} {kind} c={c}: {row.ok}/{n} ok, {row.tok_s:.1f} tok/s, "
@@ -189,6 +192,9 @@ def _report(
     if len(servers) == 2:
         print("\nPrism / mlx-vlm:\n")
         print(ratio_table(rows))
+    if any(r.phases for r in rows):
+        print("\nPrism's time to first token by phase (means per request, gateway metrics):\n")
+        print(phases.table(rows))
     notes = [
         f"- {r.server} {r.kind} c={r.concurrency}: {r.note + '; ' if r.note else ''}"
         f"errors: {'; '.join(r.errors) or 'none'}"

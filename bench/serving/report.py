@@ -31,6 +31,7 @@ class Row:
     errors: list[str]
     note: str = ""
     load1: float = math.nan  # the machine's 1-minute load average when the level ended
+    phases: dict[str, float] = field(default_factory=dict)  # Prism: mean s per TTFT phase
     results: list[Result] = field(default_factory=list, repr=False)
 
 

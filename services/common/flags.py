@@ -34,7 +34,8 @@ def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=env("PRISM_DTYPE"),
-        help="cast floating-point weights (default: as stored) [PRISM_DTYPE]",
+        help="cast floating-point weights (default: as stored; float32 on the CPU backend"
+        " with MKL) [PRISM_DTYPE]",
     )
     parser.add_argument("--grace", type=float, default=float(env("PRISM_GRACE", "30")))
     parser.add_argument("--log-level", default=env("PRISM_LOG_LEVEL", "INFO"))

@@ -11,6 +11,7 @@ import structlog
 from services.cache.client import CacheClient
 from services.common.flags import add_server_flags, env, run_service
 from services.common.models import served_ids
+from services.decoder import warmup
 from services.decoder.apc.remote import RemoteTier
 from services.decoder.config import (
     add_engine_flags,
@@ -23,6 +24,7 @@ from services.decoder.engine import DecoderEngine
 from services.decoder.reasoning import add_flags as add_reasoning_flags
 from services.decoder.reasoning import defaults_from_args
 from services.decoder.servicer import add_to_server
+from shared import cpu_blas
 from shared.models.kv_quant.config import from_args as kv_quant_from_args
 from shared.rpc.server import PrismServer
 from shared.runtime import mlx_thread
@@ -51,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=int(env("PRISM_MAX_WAITING", "64") or 64),
         help="requests queued beyond this are refused with RESOURCE_EXHAUSTED",
     )
+    p.add_argument(
+        "--warmup",
+        choices=["auto", "on", "off"],
+        default=env("PRISM_WARMUP", "auto"),
+        help="serve dummy batches of every size before reporting ready (auto: on a GPU, where"
+        " MLX builds kernels per shape at run time) [PRISM_WARMUP]",
+    )
     add_engine_flags(p)
     add_prefix_flags(p)
     add_spec_flags(p)
@@ -78,6 +87,8 @@ async def serve(args: argparse.Namespace) -> None:
     defaults = defaults_from_args(args, model.tokenizer)
     engine = DecoderEngine(model, model_id, config_from_args(args))
     engine.start()
+    if warmup.wanted(args.warmup):  # before the server is up: health says ready afterwards
+        await warmup.warm_up(engine)
     cache = CacheClient(args.cache)
     remote = RemoteTier(engine.prefix, cache) if engine.prefix.enabled and args.apc_remote else None
     server = PrismServer(add_to_server(engine, cache, defaults, remote), grace=args.grace)
@@ -88,7 +99,7 @@ async def serve(args: argparse.Namespace) -> None:
             "decoder_ready", model=model_id, max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             kv_cache_tokens=cfg.kv_tokens, kv_cache=cfg.kv_quant.describe(),
-            kv_bytes_per_token=cfg.kv_bytes_per_token,
+            kv_bytes_per_token=cfg.kv_bytes_per_token, cpu_blas=cpu_blas.status(),
         )  # fmt: skip
         await server.wait()
     finally:

@@ -37,6 +37,8 @@ from shared.runtime.loaded import LoadedModel
 
 log = structlog.get_logger("decoder")
 
+SLOW_STEP_S = 1.0  # a step this long is logged with its shapes
+
 
 class EngineCore:
     def __init__(self, model: LoadedModel, cfg: EngineConfig) -> None:
@@ -62,6 +64,18 @@ class EngineCore:
 
     def step(self, cancelled: list[Sequence]) -> None:
         """Drop `cancelled`, then schedule -> queue -> postprocess the previous step."""
+        start = time.perf_counter()
+        chunks = self._step(cancelled)
+        if (seconds := time.perf_counter() - start) > SLOW_STEP_S:
+            # A stall (on MLX CUDA: kernels built for a new shape) says which shapes it met.
+            layout = self.runner.layout
+            log.warning(
+                "slow_step", seconds=round(seconds, 3), decoding=self.runner.decoding,
+                rows=layout.rows, span=layout.span, width=layout.width,
+                prefill_chunks=[n for _, n in chunks],
+            )  # fmt: skip
+
+    def _step(self, cancelled: list[Sequence]) -> list[tuple[Sequence, int]]:
         for seq in cancelled:
             self.finish(seq, "cancelled")
         chunks = self.scheduler.schedule(self.runner.decode_tokens)
@@ -85,6 +99,7 @@ class EngineCore:
         self._postprocess(pending)
         self.prefix.flush()  # before Finish reaches anyone: a finished prompt's blocks are sent
         self.outbox.flush()
+        return chunks
 
     def _decode(self, pending: Pending, queued: list[mx.array]) -> Pending:
         """Queue a plain decode step (one token per row); return what is left to read."""

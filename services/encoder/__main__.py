@@ -12,6 +12,7 @@ from services.common.flags import add_server_flags, env_list, run_service
 from services.common.models import served_ids
 from services.encoder.engine import EncoderEngine
 from services.encoder.servicer import add_to_server
+from shared import cpu_blas
 from shared.rpc.server import PrismServer
 from shared.runtime import mlx_thread
 from shared.runtime.loaded import LoadedModel, load_model
@@ -57,7 +58,7 @@ async def serve(args: argparse.Namespace) -> None:
     engine = EncoderEngine(models, cache)
     server = PrismServer(add_to_server(engine), grace=args.grace)
     await server.start(f"{args.host}:{args.port}")
-    log.info("encoder_ready", models=list(models), cache=args.cache)
+    log.info("encoder_ready", models=list(models), cache=args.cache, cpu_blas=cpu_blas.status())
     try:
         await server.wait()
     finally:

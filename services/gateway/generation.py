@@ -67,6 +67,13 @@ class Generation:
         m.prefix_cache_hits.labels(self.model).inc(f.usage.cached_prompt_tokens)
         m.generation_tokens.labels(self.model).inc(f.usage.completion_tokens)
         m.e2e.labels(self.model).observe(now - self.arrived)
+        t = f.timings
+        for phase, ns in (
+            ("queue", t.queue_ns + t.feature_fetch_ns),
+            ("prefill", t.prefill_ns),
+            ("decode", t.decode_ns),
+        ):
+            m.phases[phase].labels(self.model).observe(ns / 1e9)
         if f.reason == decoder_pb2.FINISH_REASON_ERROR:
             m.errors.labels("decoder_error").inc()
         else:

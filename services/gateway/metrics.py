@@ -81,6 +81,25 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # Where time to first token goes, per request (vLLM's names plus media/encode):
+        # media = fetching and checking the request's media, encode = the Encode call (queue
+        # and tower), queue/prefill/decode = the decoder's own timings (its Finish event).
+        self.phases = {
+            phase: Histogram(
+                f"prism:request_{phase}_time_seconds",
+                doc,
+                label,
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            )
+            for phase, doc in (
+                ("media", "Fetching and validating the request's media (gateway)."),
+                ("encode", "The encoder call: its queue, the vision/audio tower, the cache."),
+                ("queue", "In the decoder before prefill: feature fetch, admission queue."),
+                ("prefill", "Prefill in the decoder, admission to first token."),
+                ("decode", "Decoding in the decoder, first token to last."),
+            )
+        }
         self.prompt_tokens = Counter(
             "prism:prompt_tokens", "Prompt tokens processed.", label, registry=r
         )

@@ -10,6 +10,8 @@ marked down and the next healthy one is tried (nothing was streamed yet, so this
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -101,8 +103,13 @@ class Pipeline:
         waiting = self.metrics.waiting.labels(job.model)
         waiting.inc()
         try:
-            blobs = await self.loader.load_all(job.media) if job.media else []
-            refs = await self.encode(job, blobs) if blobs else []
+            blobs: list[bytes] = []
+            refs: list[common_pb2.MediaFeatureRef] = []
+            if job.media:
+                with self._timed("media", job.model):
+                    blobs = await self.loader.load_all(job.media)
+                with self._timed("encode", job.model):
+                    refs = await self.encode(job, blobs)
             try:
                 return await self._open(job, refs)
             except MissingFeaturesError as exc:
@@ -114,6 +121,13 @@ class Pipeline:
         except BaseException:
             waiting.dec()  # on success the Generation owns the gauge
             raise
+
+    @contextmanager
+    def _timed(self, phase: str, model: str) -> Iterator[None]:
+        """Observe a media phase's time when it succeeds (`prism:request_<phase>_time_seconds`)."""
+        start = time.perf_counter()
+        yield
+        self.metrics.phases[phase].labels(model).observe(time.perf_counter() - start)
 
     async def encode(self, job: Job, blobs: list[bytes]) -> list[common_pb2.MediaFeatureRef]:
         items = []

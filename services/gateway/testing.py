@@ -117,7 +117,13 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
             cached_prompt_tokens=self.cached_tokens,
         )
         state["finished"] = True
-        yield decoder_pb2.GenerateResponse(finish=decoder_pb2.Finish(reason=reason, usage=usage))
+        # Fixed, distinct timings: the gateway's phase histograms must report exactly these.
+        ms = 1_000_000
+        timings = decoder_pb2.Timings(
+            queue_ns=ms, feature_fetch_ns=2 * ms, prefill_ns=3 * ms, decode_ns=4 * ms
+        )
+        finish = decoder_pb2.Finish(reason=reason, usage=usage, timings=timings)
+        yield decoder_pb2.GenerateResponse(finish=finish)
 
     def ListModels(self, request: Any, context: Any) -> common_pb2.ListModelsResponse:
         return common_pb2.ListModelsResponse(models=self.models)

@@ -39,7 +39,8 @@ def layer_masks(
     if layout is not None:
         if getattr(layout, "window", None) is not None:  # kv_quant's rotating slots
             raise NotImplementedError(_NO_KV_WINDOW)
-        base = cache.make_mask(length)  # (rows, 1, width, span)
+        cache.make_mask(length)  # checks the step's width
+        base = layout.mask  # (rows, 1, width, span), also for one row: the window needs it
         sliding = base & _batch_window(layout.write, length, base, window)
         return {FULL: (base, 0), SLIDING: (sliding, 0)}
     if getattr(cache, "window", None) is not None:
