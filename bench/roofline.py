@@ -18,24 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from step_profile import timed  # bench/: best mean seconds per evaluated call
 
 from shared.api import load
-
-
-def best_of(fn, repeats: int = 5, inner: int = 1) -> float:
-    mx.eval(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            mx.eval(fn())
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return best
 
 
 def weight_bytes(lm: nn.Module) -> int:
@@ -51,7 +40,7 @@ def weight_bytes(lm: nn.Module) -> int:
 def copy_bandwidth() -> float:
     x = mx.zeros((1 << 29,), mx.float32)  # 2 GiB
     mx.eval(x)
-    seconds = best_of(lambda: x + 0)
+    seconds = timed(lambda: x + 0, steps=1, repeats=5)
     return 2 * x.nbytes / seconds
 
 
@@ -65,7 +54,7 @@ def matmul_time(lm: nn.Module) -> tuple[float, int]:
     def all_layers() -> list[mx.array]:
         return [m(x) for m, x in zip(layers, inputs, strict=True)]
 
-    return best_of(all_layers, inner=10), len(layers)
+    return timed(all_layers, steps=10, repeats=5), len(layers)
 
 
 def _in_dim(m: nn.Module) -> int:
@@ -101,7 +90,7 @@ def main() -> None:
     def step() -> mx.array:
         return mx.argmax(lm(token, cache)[:, -1, :], axis=-1)
 
-    measured = best_of(step, repeats=3, inner=args.steps)
+    measured = timed(step, steps=args.steps, repeats=3)
     mm, n_mm = matmul_time(lm)
     nodes = graph_nodes(step)
     roof = nbytes / bw

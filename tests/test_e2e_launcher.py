@@ -29,7 +29,15 @@ def test_demo_launcher_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "services.launcher", "--gateway-port", str(port)]
     argv += ["--log-dir", str(tmp_path / "logs"), "--grace", "2", "--startup-timeout", "240"]
     launcher = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As a terminal's foreground job: a suite started in the background (`make test &`)
+        # passes SIGINT on ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     stdout: list[str] = []
     stderr: list[str] = []
