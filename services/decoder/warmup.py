@@ -2,12 +2,13 @@
 
 MLX CUDA builds a kernel the first time a shape class needs it (NVRTC, then the driver's JIT;
 both cache on disk afterwards). On a fresh H100 the first burst of 32 streams stalled ~37 s in
-prefill while that happened (bench/NOTES.md, "Start-up warm-up"), after 1 and 8 streams had run
-fine. vLLM runs dummy batches at start-up for the same reason. Here the real engine serves, for
-each batch size 1, 2, 4, ... up to `max_num_seqs`, that many short dummy requests at once (half
-greedy, half sampled with top-k/top-p), then single prompts of a few lengths up to the step's
-token budget, two tokens each; then its counters are reset. Dummy requests carry no prefix
-keys, so the prefix cache never sees them.
+prefill while that happened, after 1 and 8 streams had run fine (bench/NOTES.md, "The first
+32-stream stall"); the whole warm-up takes ~110 s on a fresh machine, seconds after. vLLM runs
+dummy batches at start-up for the same reason. Here the real engine serves, for each batch size
+1, 2, 4, ... up to `max_num_seqs`, that many short dummy requests at once (half greedy, half
+sampled with top-k/top-p), then single prompts of a few lengths up to the step's token budget,
+two tokens each; then its counters are reset. Dummy requests carry no prefix keys, so the
+prefix cache never sees them.
 """
 
 from __future__ import annotations
